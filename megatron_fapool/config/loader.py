@@ -1,0 +1,195 @@
+"""Load a DeepSpeed JSON with its ``fapool`` section and the model YAML it names.
+
+Everything is checked here, before any process group or tensor exists: duplicate
+JSON/YAML keys, unknown keys, wrong types, conflicting parallel sizes. Every failure
+is a :class:`ConfigError` with a one-line message naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .errors import ConfigError, from_validation_error
+from .model_yaml import ModelYaml, UniqueKeyLoader
+from .schema import FAPoolConfig, known_keys
+
+__all__ = ["RunConfig", "load_deepspeed_json", "load_model_yaml", "load_run_config", "parse_fapool"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved configuration of one run."""
+
+    json_path: str
+    deepspeed: dict  # the DeepSpeed JSON without the fapool section, for deepspeed.initialize
+    fapool: FAPoolConfig
+    model_yaml_path: str
+    model: ModelYaml
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    precision: str  # "fp32" | "bf16" | "fp16", from the DeepSpeed JSON
+
+    @property
+    def params_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    def describe(self) -> str:
+        """Readable resolved config (printed on rank 0)."""
+        lm = self.model.language_model
+        pool = self.fapool.attention_pool
+        ma = self.fapool.ma_separation
+        dil = self.fapool.dilated_attention
+        lines = [
+            f"config        {self.json_path}",
+            f"model yaml    {self.model_yaml_path}",
+            f"model         layers={lm.num_layers} hidden={lm.hidden_size} heads={lm.num_attention_heads}"
+            f" (query groups {lm.query_groups}, head dim {lm.head_dim}) ffn={lm.ffn_hidden_size or 4 * lm.hidden_size}"
+            f" {lm.activation_func} {lm.normalization} vocab={lm.vocab_size}"
+            f" max_pos={lm.max_position_embeddings} pos={lm.position_embedding_type}"
+            + (f" experts={lm.num_moe_experts} top{lm.moe_router_topk}" if lm.num_moe_experts else ""),
+            f"parallel      TP={self.tensor_model_parallel_size} PP={self.pipeline_model_parallel_size}"
+            f" precision={self.precision}",
+            f"attention     backend={self.fapool.attention_backend.backend}"
+            + (
+                f" dilated(w={dil.segment_lengths}, r={dil.dilation_rates})"
+                if dil.enabled
+                else " dense"
+            ),
+            "attention pool "
+            + (
+                f"on: pool_size={pool.pool_size} threshold={pool.threshold}"
+                f" max_active={pool.max_active or 'all'} hysteresis={pool.hysteresis}"
+                f" kv_chunk_tokens={pool.kv_chunk_tokens}"
+                if pool.enabled
+                else "off"
+            ),
+            "MA separation "
+            + (
+                f"on: attention:expert={ma.attention_expert_ratio} experts={ma.num_experts} top{ma.top_k}"
+                if ma.enabled
+                else "off"
+            ),
+        ]
+        return "\n".join(lines)
+
+
+def _duplicate_checked_pairs(pairs):
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ConfigError(dup[0], "key appears more than once in the same object (JSON keeps only one; remove the duplicate)")
+    return dict(pairs)
+
+
+def load_deepspeed_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError("--deepspeed_config", f"file not found: {path}")
+    with open(path) as f:
+        try:
+            data = json.load(f, object_pairs_hook=_duplicate_checked_pairs)
+        except ConfigError as e:
+            raise ConfigError(e.key, e.reason, source=path) from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}", source=path) from None
+    if not isinstance(data, dict):
+        raise ConfigError("<top level>", f"expected a JSON object, got {type(data).__name__}", source=path)
+    return data
+
+
+def parse_fapool(section: Any, *, source: str | None = None) -> FAPoolConfig:
+    if not isinstance(section, dict):
+        raise ConfigError("fapool", f"expected an object, got {type(section).__name__}", source=source)
+    try:
+        return FAPoolConfig.model_validate(section)
+    except ValidationError as e:
+        raise from_validation_error(
+            e, prefix="fapool", source=source, known_keys=lambda p: known_keys(FAPoolConfig, p)
+        ) from None
+
+
+def load_model_yaml(path: str) -> ModelYaml:
+    if not os.path.isfile(path):
+        raise ConfigError("fapool.model_yaml", f"file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.load(f, Loader=UniqueKeyLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError("<yaml>", " ".join(str(e).split()), source=path) from None
+    if not isinstance(data, dict):
+        raise ConfigError("<top level>", "expected a mapping with language_model: and model_parallel:", source=path)
+    try:
+        return ModelYaml.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(
+            e, prefix="", source=path, known_keys=lambda p: known_keys(ModelYaml, p)
+        ) from None
+
+
+def _precision(ds: dict, source: str) -> str:
+    enabled = [
+        name
+        for key, name in (("bf16", "bf16"), ("fp16", "fp16"))
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") in (True, "true", "auto")
+    ]
+    if len(enabled) > 1:
+        raise ConfigError("bf16/fp16", "both are enabled: enable at most one", source=source)
+    return enabled[0] if enabled else "fp32"
+
+
+def load_run_config(json_path: str) -> RunConfig:
+    """Read and validate the DeepSpeed JSON at ``json_path`` and its model YAML."""
+    ds = load_deepspeed_json(json_path)
+    if "fapool" not in ds:
+        raise ConfigError("fapool", "section missing: add a top-level \"fapool\" object (see configs/)", source=json_path)
+    fapool = parse_fapool(ds.pop("fapool"), source=json_path)
+    yaml_path = fapool.model_yaml
+    if not os.path.isabs(yaml_path):
+        yaml_path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(json_path)), yaml_path))
+    model = load_model_yaml(yaml_path)
+
+    sizes = {}
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        from_json = getattr(fapool.parallel, name)
+        from_yaml = getattr(model.model_parallel, name)
+        yaml_given = name in model.model_parallel.model_fields_set
+        if from_json is not None and yaml_given and from_json != from_yaml:
+            raise ConfigError(
+                f"fapool.parallel.{name}",
+                f"{from_json} conflicts with model_parallel.{name}={from_yaml} in {yaml_path}: give it in one place",
+                source=json_path,
+            )
+        sizes[name] = from_json if from_json is not None else from_yaml
+
+    lm = model.language_model
+    tp, pp = sizes["tensor_model_parallel_size"], sizes["pipeline_model_parallel_size"]
+    if lm.num_layers % pp:
+        raise ConfigError(
+            "pipeline_model_parallel_size",
+            f"{pp} does not divide num_layers={lm.num_layers}: pick a divisor",
+            source=json_path,
+        )
+    ma = fapool.ma_separation
+    if ma.enabled and lm.num_moe_experts not in (None, ma.num_experts):
+        raise ConfigError(
+            "fapool.ma_separation.num_experts",
+            f"{ma.num_experts} differs from num_moe_experts={lm.num_moe_experts} in {yaml_path}",
+            source=json_path,
+        )
+    return RunConfig(
+        json_path=json_path,
+        deepspeed=ds,
+        fapool=fapool,
+        model_yaml_path=yaml_path,
+        model=model,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        precision=_precision(ds, json_path),
+    )
