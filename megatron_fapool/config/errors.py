@@ -34,10 +34,11 @@ def from_validation_error(err, *, prefix: str, source: str | None = None, known_
     ``known_keys(path_tuple)`` returns the keys allowed at a path, to list them when a
     key is unknown (a misspelling, most of the time).
     """
-    errors = err.errors()
+    # An unknown key is usually the cause of a 'missing' one (a misspelling): report it first.
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     loc = tuple(str(p) for p in first["loc"])
-    key = ".".join((prefix,) + loc) if loc else prefix
+    key = ".".join(((prefix,) if prefix else ()) + loc) or prefix or "<top level>"
     kind = first["type"]
     if kind == "extra_forbidden":
         allowed = known_keys(loc[:-1]) if known_keys else None

@@ -1,0 +1,15 @@
+"""Ranks, roles and process groups."""
+
+from .groups import ParallelGroups, destroy_parallel_groups, initialize_parallel_groups
+from .roles import Layout, LayoutError, RankRole, compute_layout, layout_from_config
+
+__all__ = [
+    "Layout",
+    "LayoutError",
+    "ParallelGroups",
+    "RankRole",
+    "compute_layout",
+    "destroy_parallel_groups",
+    "initialize_parallel_groups",
+    "layout_from_config",
+]

@@ -1,0 +1,44 @@
+"""Build Megatron's ``GPTModel`` on a base rank from the resolved config."""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from ..config import RunConfig, to_transformer_config
+from .gpt_layer_specs import get_fapool_gpt_layer_spec
+
+__all__ = ["build_gpt_model", "transformer_config_for"]
+
+
+def transformer_config_for(run_config: RunConfig, **overrides):
+    return to_transformer_config(
+        run_config.model.language_model,
+        tensor_model_parallel_size=run_config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=run_config.pipeline_model_parallel_size,
+        params_dtype=run_config.params_dtype,
+        **overrides,
+    )
+
+
+def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, **config_overrides) -> GPTModel:
+    """``GPTModel`` for this base rank's pipeline stage (Megatron groups must exist)."""
+    lm = run_config.model.language_model
+    config = config or transformer_config_for(run_config, **config_overrides)
+    if layer_spec is None:
+        layer_spec = get_fapool_gpt_layer_spec(
+            normalization=lm.normalization,
+            qk_layernorm=lm.qk_layernorm,
+            core_attention_params={"backend": run_config.fapool.attention_backend.backend},
+        )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=lm.vocab_size,
+        max_sequence_length=lm.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not lm.untie_embeddings_and_output_weights,
+        position_embedding_type=lm.position_embedding_type,
+        rotary_base=lm.rotary_base,
+    )
