@@ -1,0 +1,157 @@
+"""Gather dilated blocks into dense tensors, run the local kernel on them, scatter back.
+
+Tensors are ``[b, n, H, *tail]`` (tail = ``(d,)`` for Q/K/V/O, empty for the lse kept
+sequence-major as ``[b, n, H]``). A :class:`BlockGroup` of ``J`` blocks of ``L`` rows and
+``hc`` heads gathers into ``[b*J, L, hc, *tail]``: the segments fold into the batch
+dimension, so one kernel call covers all of them. No buffer grows with ``n*w`` or
+``n^2``; temporaries are bounded by ``max_rows_x_heads`` per call.
+
+Forward merges each block result into fp32 (out, lse) accumulators with
+``merge_partials``; backward calls ``attention_backward`` per block with the *global*
+out and lse (the ring-flash-attention rule), so the branch gradients simply add up.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from megatron_fapool.attention.dilated_plan import BlockGroup
+from megatron_fapool.attention.local import attention_backward, attention_forward, merge_partials
+
+__all__ = [
+    "accumulator_dtype",
+    "blocks_backward_",
+    "blocks_forward_",
+    "gather_blocks",
+    "scatter_blocks_",
+]
+
+DEFAULT_MAX_ROWS_X_HEADS = 1 << 22
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, else the input dtype (float64 stays float64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def gather_blocks(
+    x: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, rows_slice: Optional[tuple[int, int]]
+) -> torch.Tensor:
+    """``x[:, rows[j, t], heads[j, c]]`` as ``[b*J, L, hc, *tail]`` (a view when sliceable)."""
+    b, tail = x.shape[0], x.shape[3:]
+    num_blocks, length = rows.shape
+    if rows_slice is not None:
+        return x[:, rows_slice[0] : rows_slice[1]].reshape(b * num_blocks, length, x.shape[2], *tail)
+    y = x[:, rows.unsqueeze(2), heads.unsqueeze(1)]  # [b, J, L, hc, *tail]
+    return y.reshape(b * num_blocks, length, heads.shape[1], *tail)
+
+
+def scatter_blocks_(
+    dst: torch.Tensor,
+    rows: torch.Tensor,
+    heads: torch.Tensor,
+    rows_slice: Optional[tuple[int, int]],
+    values: torch.Tensor,
+    mode: str,
+) -> None:
+    """Write ``values`` ([b*J, L, hc, *tail]) back to ``dst`` at the gathered places.
+
+    mode ``"copy"``: overwrite; ``"add"``: add, the (row, head) pairs being distinct;
+    ``"accumulate"``: add with repeated pairs summed (index_put with accumulate).
+    """
+    b, tail = dst.shape[0], dst.shape[3:]
+    num_blocks, length = rows.shape
+    if rows_slice is not None:
+        view = dst[:, rows_slice[0] : rows_slice[1]].view(b, num_blocks, length, dst.shape[2], *tail)
+        vals = values.reshape(b, num_blocks, length, dst.shape[2], *tail)
+        if mode == "copy":
+            view.copy_(vals)
+        else:
+            view.add_(vals)
+        return
+    vals = values.reshape(b, num_blocks, length, heads.shape[1], *tail).to(dst.dtype)
+    index = (rows.unsqueeze(2), heads.unsqueeze(1))
+    if mode == "copy":
+        dst[(slice(None),) + index] = vals
+    elif mode == "add":
+        dst[(slice(None),) + index] += vals
+    elif mode == "accumulate":
+        # index_put_ indexes leading dims: move batch behind (row, head).
+        dst.movedim(0, 2).index_put_(index, vals.movedim(0, 3), accumulate=True)
+    else:
+        raise ValueError(f"mode must be 'copy', 'add' or 'accumulate', got {mode!r}")
+
+
+def _lse_blocks(lse_seq: torch.Tensor, group: BlockGroup) -> torch.Tensor:
+    """Sequence-major lse [b, n, H] gathered to the kernel's layout [b*J, hc, L]."""
+    return gather_blocks(lse_seq, group.q_rows, group.q_heads, group.q_slice).transpose(1, 2)
+
+
+def _chunks(groups: Iterable[BlockGroup], max_rows_x_heads: Optional[int]):
+    for group in groups:
+        yield from group.chunks(max_rows_x_heads)
+
+
+def blocks_forward_(
+    acc_out: torch.Tensor,
+    acc_lse: torch.Tensor,
+    q: torch.Tensor,
+    k_src: torch.Tensor,
+    v_src: torch.Tensor,
+    groups: Iterable[BlockGroup],
+    *,
+    softmax_scale: float,
+    backend: str,
+    max_rows_x_heads: Optional[int] = DEFAULT_MAX_ROWS_X_HEADS,
+) -> None:
+    """Attend every block of ``groups`` and LSE-merge it into ``acc_out`` [b, n, H, d]
+    and ``acc_lse`` [b, n, H] (both in the accumulator dtype, updated in place)."""
+    for c in _chunks(groups, max_rows_x_heads):
+        qb = gather_blocks(q, c.q_rows, c.q_heads, c.q_slice)
+        kb = gather_blocks(k_src, c.k_rows, c.k_heads, c.k_slice)
+        vb = gather_blocks(v_src, c.k_rows, c.k_heads, c.k_slice)
+        out_b, lse_b = attention_forward(qb, kb, vb, causal=c.causal, softmax_scale=softmax_scale, backend=backend)
+        prev_out = gather_blocks(acc_out, c.q_rows, c.q_heads, c.q_slice)
+        prev_lse = _lse_blocks(acc_lse, c)
+        new_out, new_lse = merge_partials(prev_out, prev_lse, out_b, lse_b)
+        scatter_blocks_(acc_out, c.q_rows, c.q_heads, c.q_slice, new_out, "copy")
+        scatter_blocks_(acc_lse, c.q_rows, c.q_heads, c.q_slice, new_lse.transpose(1, 2), "copy")
+
+
+def blocks_backward_(
+    dq: torch.Tensor,
+    dk_src: torch.Tensor,
+    dv_src: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k_src: torch.Tensor,
+    v_src: torch.Tensor,
+    out: torch.Tensor,
+    lse_seq: torch.Tensor,
+    groups: Iterable[BlockGroup],
+    *,
+    softmax_scale: float,
+    backend: str,
+    max_rows_x_heads: Optional[int] = DEFAULT_MAX_ROWS_X_HEADS,
+) -> None:
+    """Add every block's gradient contribution to ``dq``, ``dk_src``, ``dv_src``.
+
+    ``out`` / ``lse_seq`` are the *merged* (global) output and lse ([b, n, H]), so each
+    block's contribution is its exact share of the gradient of the union softmax.
+    """
+    for c in _chunks(groups, max_rows_x_heads):
+        qb = gather_blocks(q, c.q_rows, c.q_heads, c.q_slice)
+        kb = gather_blocks(k_src, c.k_rows, c.k_heads, c.k_slice)
+        vb = gather_blocks(v_src, c.k_rows, c.k_heads, c.k_slice)
+        dout_b = gather_blocks(dout, c.q_rows, c.q_heads, c.q_slice)
+        out_b = gather_blocks(out, c.q_rows, c.q_heads, c.q_slice)
+        dq_b, dk_b, dv_b = attention_backward(
+            dout_b, qb, kb, vb, out_b, _lse_blocks(lse_seq, c),
+            causal=c.causal, softmax_scale=softmax_scale, backend=backend,
+        )
+        k_mode = "add" if c.k_unique else "accumulate"
+        scatter_blocks_(dq, c.q_rows, c.q_heads, c.q_slice, dq_b, "add")
+        scatter_blocks_(dk_src, c.k_rows, c.k_heads, c.k_slice, dk_b, k_mode)
+        scatter_blocks_(dv_src, c.k_rows, c.k_heads, c.k_slice, dv_b, k_mode)

@@ -1,0 +1,130 @@
+"""Dense float64 reference for dilated attention, built directly from DESIGN.md §4.
+
+O_h = softmax(tau * Q_h K_h^T + log C_h) V_h, with C_h the multiplicity of key j in the
+union over branches of S_k(i, h); log 0 = -inf; a row with no keys outputs 0 and has
+lse = -inf. One head at a time, O(n^2) memory per head: for tests, not for training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_fapool.attention.dilated_plan import effective_segment, head_offset
+
+__all__ = [
+    "dilated_attention_reference",
+    "dilated_attention_reference_backward",
+    "dilated_multiplicity",
+]
+
+
+def dilated_multiplicity(
+    seq_len: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    global_head: int,
+    total_heads: int,
+    causal: bool,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """C_h[i, j] = sum_k 1[j in S_k(i, h)] as an [n, n] int32 tensor."""
+    idx = torch.arange(seq_len, device=device)
+    count = torch.zeros(seq_len, seq_len, dtype=torch.int32, device=device)
+    for w, r in zip(segment_lengths, dilation_rates):
+        seg = effective_segment(w, seq_len)
+        g = idx // seg
+        sel = ((idx - g * seg) % r) == head_offset(global_head, total_heads, r)
+        mask = (g[:, None] == g[None, :]) & sel[:, None] & sel[None, :]
+        if causal:
+            mask &= idx[None, :] <= idx[:, None]
+        count += mask.to(torch.int32)
+    return count
+
+
+def _head_terms(q, k, v, log_c, scale):
+    """(probabilities P, output O, lse) for one head: q [b, n, d], k/v [b, n, d]."""
+    logits = torch.einsum("bid,bjd->bij", q, k) * scale + log_c
+    has_keys = torch.isfinite(log_c).any(dim=-1).expand(logits.shape[:-1])
+    # Empty rows get finite dummy logits so that autograd through this stays NaN-free.
+    lse = torch.logsumexp(torch.where(has_keys[..., None], logits, 0), dim=-1)
+    probs = torch.where(has_keys[..., None], torch.exp(logits - lse[..., None]), 0)
+    lse = lse.masked_fill(~has_keys, float("-inf"))
+    return probs, torch.einsum("bij,bjd->bid", probs, v), lse
+
+
+def _setup(q, k, v, total_heads, head_offset_, softmax_scale):
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, seq, heads, head_dim], got shape {tuple(q.shape)}")
+    hq, hkv = q.shape[2], k.shape[2]
+    total = total_heads if total_heads is not None else head_offset_ + hq
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return hq, hq // hkv, total, scale
+
+
+def dilated_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    *,
+    head_offset: int = 0,
+    total_heads: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [b, n, h, d] float64, lse [b, h, n] float64) from the definition."""
+    hq, group, total, scale = _setup(q, k, v, total_heads, head_offset, softmax_scale)
+    q, k, v = q.double(), k.double(), v.double()
+    n = q.shape[1]
+    outs, lses = [], []
+    for h in range(hq):
+        c = dilated_multiplicity(
+            n, segment_lengths, dilation_rates, global_head=head_offset + h,
+            total_heads=total, causal=causal, device=q.device,
+        )
+        _, o, lse = _head_terms(q[:, :, h], k[:, :, h // group], v[:, :, h // group], c.double().log(), scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.stack(outs, dim=2), torch.stack(lses, dim=1)
+
+
+def dilated_attention_reference_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    *,
+    head_offset: int = 0,
+    total_heads: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in float64 by the softmax backward formulas, one head at a time:
+    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = tau dS K, dK = tau dS^T Q."""
+    hq, group, total, scale = _setup(q, k, v, total_heads, head_offset, softmax_scale)
+    q, k, v, dout = q.double(), k.double(), v.double(), dout.double()
+    n = q.shape[1]
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    for h in range(hq):
+        kv = h // group
+        c = dilated_multiplicity(
+            n, segment_lengths, dilation_rates, global_head=head_offset + h,
+            total_heads=total, causal=causal, device=q.device,
+        )
+        qh, kh, vh, doh = q[:, :, h], k[:, :, kv], v[:, :, kv], dout[:, :, h]
+        probs, o, _ = _head_terms(qh, kh, vh, c.double().log(), scale)
+        dv[:, :, kv] += torch.einsum("bij,bid->bjd", probs, doh)
+        dp = torch.einsum("bid,bjd->bij", doh, vh)
+        ds = probs * (dp - (doh * o).sum(-1, keepdim=True))
+        dq[:, :, h] = torch.einsum("bij,bjd->bid", ds, kh) * scale
+        dk[:, :, kv] += torch.einsum("bij,bid->bjd", ds, qh) * scale
+    return dq, dk, dv
