@@ -29,7 +29,7 @@ from megatron_fapool.attention.dilated_parallel import dilated_attention_paralle
 from megatron_fapool.attention.dilated_plan import dilated_attention_flops
 from megatron_fapool.attention.dilated_reference import (
     dilated_attention_reference,
-    dilated_attention_reference_backward,
+    dilated_attention_reference_vjp,
 )
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
     "dilated_attention_flops",
     "dilated_attention_parallel",
     "dilated_attention_reference",
-    "dilated_attention_reference_backward",
+    "dilated_attention_reference_vjp",
     "reset_comm_counters",
     "shard_sequence",
 ]

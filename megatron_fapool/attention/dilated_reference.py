@@ -16,7 +16,7 @@ from megatron_fapool.attention.dilated_plan import effective_segment, head_offse
 
 __all__ = [
     "dilated_attention_reference",
-    "dilated_attention_reference_backward",
+    "dilated_attention_reference_vjp",
     "dilated_multiplicity",
 ]
 
@@ -46,13 +46,13 @@ def dilated_multiplicity(
 
 
 def _head_terms(q, k, v, log_c, scale):
-    """(probabilities P, output O, lse) for one head: q [b, n, d], k/v [b, n, d]."""
-    logits = torch.einsum("bid,bjd->bij", q, k) * scale + log_c
-    has_keys = torch.isfinite(log_c).any(dim=-1).expand(logits.shape[:-1])
-    # Empty rows get finite dummy logits so that autograd through this stays NaN-free.
-    lse = torch.logsumexp(torch.where(has_keys[..., None], logits, 0), dim=-1)
-    probs = torch.where(has_keys[..., None], torch.exp(logits - lse[..., None]), 0)
-    lse = lse.masked_fill(~has_keys, float("-inf"))
+    """(probabilities P, output O, lse) for one head: q [b, n, d], k/v [b, n, d].
+
+    Autograd through this is NaN-free when every row has a key (vjp below is exact always)."""
+    logits = torch.einsum("bid,bjd->bij", q, k) * scale + log_c  # -inf where C = 0
+    lse = torch.logsumexp(logits, dim=-1)  # -inf on rows with no key
+    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(logits - shift[..., None])  # empty rows: exp(-inf) = 0
     return probs, torch.einsum("bij,bjd->bid", probs, v), lse
 
 
@@ -93,7 +93,7 @@ def dilated_attention_reference(
     return torch.stack(outs, dim=2), torch.stack(lses, dim=1)
 
 
-def dilated_attention_reference_backward(
+def dilated_attention_reference_vjp(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,12 +105,14 @@ def dilated_attention_reference_backward(
     *,
     head_offset: int = 0,
     total_heads: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in float64 by the softmax backward formulas, one head at a time:
-    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = tau dS K, dK = tau dS^T Q."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, dq, dk, dv) in float64, the gradients by the softmax backward formulas, one
+    head at a time: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = tau dS K,
+    dK = tau dS^T Q (summed over the query heads of a kv head under GQA)."""
     hq, group, total, scale = _setup(q, k, v, total_heads, head_offset, softmax_scale)
     q, k, v, dout = q.double(), k.double(), v.double(), dout.double()
     n = q.shape[1]
+    out = torch.zeros_like(q)
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
@@ -122,9 +124,9 @@ def dilated_attention_reference_backward(
         )
         qh, kh, vh, doh = q[:, :, h], k[:, :, kv], v[:, :, kv], dout[:, :, h]
         probs, o, _ = _head_terms(qh, kh, vh, c.double().log(), scale)
+        out[:, :, h] = o
         dv[:, :, kv] += torch.einsum("bij,bid->bjd", probs, doh)
-        dp = torch.einsum("bid,bjd->bij", doh, vh)
-        ds = probs * (dp - (doh * o).sum(-1, keepdim=True))
+        ds = probs * (torch.einsum("bid,bjd->bij", doh, vh) - (doh * o).sum(-1, keepdim=True))
         dq[:, :, h] = torch.einsum("bij,bjd->bid", ds, kh) * scale
         dk[:, :, kv] += torch.einsum("bij,bid->bjd", ds, qh) * scale
-    return dq, dk, dv
+    return out, dq, dk, dv
