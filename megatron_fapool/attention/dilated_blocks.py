@@ -105,17 +105,21 @@ def blocks_forward_(
     softmax_scale: float,
     backend: str,
     max_rows_x_heads: Optional[int] = DEFAULT_MAX_ROWS_X_HEADS,
+    merge: bool = True,
 ) -> None:
     """Attend every block of ``groups`` and LSE-merge it into ``acc_out`` [b, n, H, d]
-    and ``acc_lse`` [b, n, H] (both in the accumulator dtype, updated in place)."""
+    and ``acc_lse`` [b, n, H] (both in the accumulator dtype, updated in place).
+
+    ``merge=False`` writes instead of merging: only for the first branch, whose
+    (row, head) places are still empty (out 0, lse -inf)."""
     for c in _chunks(groups, max_rows_x_heads):
         qb = gather_blocks(q, c.q_rows, c.q_heads, c.q_slice)
         kb = gather_blocks(k_src, c.k_rows, c.k_heads, c.k_slice)
         vb = gather_blocks(v_src, c.k_rows, c.k_heads, c.k_slice)
-        out_b, lse_b = attention_forward(qb, kb, vb, causal=c.causal, softmax_scale=softmax_scale, backend=backend)
-        prev_out = gather_blocks(acc_out, c.q_rows, c.q_heads, c.q_slice)
-        prev_lse = _lse_blocks(acc_lse, c)
-        new_out, new_lse = merge_partials(prev_out, prev_lse, out_b, lse_b)
+        new_out, new_lse = attention_forward(qb, kb, vb, causal=c.causal, softmax_scale=softmax_scale, backend=backend)
+        if merge:
+            prev_out = gather_blocks(acc_out, c.q_rows, c.q_heads, c.q_slice)
+            new_out, new_lse = merge_partials(prev_out, _lse_blocks(acc_lse, c), new_out, new_lse)
         scatter_blocks_(acc_out, c.q_rows, c.q_heads, c.q_slice, new_out, "copy")
         scatter_blocks_(acc_lse, c.q_rows, c.q_heads, c.q_slice, new_lse.transpose(1, 2), "copy")
 

@@ -56,10 +56,10 @@ class DilatedLocalFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plans: Plans, softmax_scale: float, backend: str, max_rows: Optional[int]):
         acc_out, acc_lse = new_accumulators(q, q.shape[1], q.shape[2])
-        for groups in plans:
+        for i, groups in enumerate(plans):
             blocks_forward_(
                 acc_out, acc_lse, q, k, v, groups,
-                softmax_scale=softmax_scale, backend=backend, max_rows_x_heads=max_rows,
+                softmax_scale=softmax_scale, backend=backend, max_rows_x_heads=max_rows, merge=i > 0,
             )
         out = acc_out.to(q.dtype)
         del acc_out

@@ -268,14 +268,14 @@ class _SequenceParallelFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, spec: _SeqSpec):
         num_heads = q.shape[2]
         acc_out, acc_lse = new_accumulators(q, q.shape[1], num_heads)
-        for br in spec.branches:
+        for i, br in enumerate(spec.branches):
             if br.pack is None:
                 k_src, v_src = k, v
             else:
                 k_src, v_src = _gather_sparse(k, br, spec, num_heads), _gather_sparse(v, br, spec, num_heads)
             blocks_forward_(
-                acc_out, acc_lse, q, k_src, v_src, br.groups,
-                softmax_scale=spec.softmax_scale, backend=spec.backend, max_rows_x_heads=spec.max_rows,
+                acc_out, acc_lse, q, k_src, v_src, br.groups, softmax_scale=spec.softmax_scale,
+                backend=spec.backend, max_rows_x_heads=spec.max_rows, merge=i > 0,
             )
         out = acc_out.to(q.dtype)
         del acc_out
