@@ -1,7 +1,9 @@
 """Gather dilated blocks into dense tensors, run the local kernel on them, scatter back.
 
-Tensors are ``[b, n, H, *tail]`` (tail = ``(d,)`` for Q/K/V/O, empty for the lse kept
-sequence-major as ``[b, n, H]``). A :class:`BlockGroup` of ``J`` blocks of ``L`` rows and
+Tensors are contiguous ``[b, n, H, *tail]`` (tail = ``(d,)`` for Q/K/V/O, empty for the
+lse kept sequence-major as ``[b, n, H]``); gathers are ``index_select`` on the
+``[b, n*H, *tail]`` view (head_dim contiguous elements per index), scatters
+``index_copy_`` / ``index_add_``. A :class:`BlockGroup` of ``J`` blocks of ``L`` rows and
 ``hc`` heads gathers into ``[b*J, L, hc, *tail]``: the segments fold into the batch
 dimension, so one kernel call covers all of them. No buffer grows with ``n*w`` or
 ``n^2``; temporaries are bounded by ``max_rows_x_heads`` per call.
@@ -36,57 +38,48 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def gather_blocks(
-    x: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, rows_slice: Optional[tuple[int, int]]
-) -> torch.Tensor:
-    """``x[:, rows[j, t], heads[j, c]]`` as ``[b*J, L, hc, *tail]`` (a view when sliceable)."""
+def gather_blocks(x: torch.Tensor, index: torch.Tensor, rows_slice: Optional[tuple[int, int]]) -> torch.Tensor:
+    """Blocks of ``x`` [b, n, H, *tail] as ``[b*J, L, hc, *tail]`` (index: [J, L, hc] into
+    ``x`` viewed as [b, n*H, *tail]); a view when the group is a row slice."""
     b, tail = x.shape[0], x.shape[3:]
-    num_blocks, length = rows.shape
+    num_blocks, length, heads = index.shape
     if rows_slice is not None:
         return x[:, rows_slice[0] : rows_slice[1]].reshape(b * num_blocks, length, x.shape[2], *tail)
-    y = x[:, rows.unsqueeze(2), heads.unsqueeze(1)]  # [b, J, L, hc, *tail]
-    return y.reshape(b * num_blocks, length, heads.shape[1], *tail)
+    flat = x.reshape(b, -1, *tail)  # a view for the contiguous tensors we pass
+    return flat.index_select(1, index.reshape(-1)).reshape(b * num_blocks, length, heads, *tail)
 
 
 def scatter_blocks_(
     dst: torch.Tensor,
-    rows: torch.Tensor,
-    heads: torch.Tensor,
+    index: torch.Tensor,
     rows_slice: Optional[tuple[int, int]],
     values: torch.Tensor,
     mode: str,
 ) -> None:
-    """Write ``values`` ([b*J, L, hc, *tail]) back to ``dst`` at the gathered places.
+    """Write ``values`` ([b*J, L, hc, *tail]) back into contiguous ``dst`` [b, n, H, *tail].
 
-    mode ``"copy"``: overwrite; ``"add"``: add, the (row, head) pairs being distinct;
-    ``"accumulate"``: add with repeated pairs summed (index_put with accumulate).
+    mode ``"copy"``: overwrite; ``"add"``: add (repeated indices are summed).
     """
     b, tail = dst.shape[0], dst.shape[3:]
-    num_blocks, length = rows.shape
+    if mode not in ("copy", "add"):
+        raise ValueError(f"mode must be 'copy' or 'add', got {mode!r}")
     if rows_slice is not None:
+        num_blocks, length = index.shape[:2]
         view = dst[:, rows_slice[0] : rows_slice[1]].view(b, num_blocks, length, dst.shape[2], *tail)
         vals = values.reshape(b, num_blocks, length, dst.shape[2], *tail)
-        if mode == "copy":
-            view.copy_(vals)
-        else:
-            view.add_(vals)
+        (view.copy_ if mode == "copy" else view.add_)(vals)
         return
-    vals = values.reshape(b, num_blocks, length, heads.shape[1], *tail).to(dst.dtype)
-    index = (rows.unsqueeze(2), heads.unsqueeze(1))
+    flat = dst.view(b, -1, *tail)
+    vals = values.reshape(b, -1, *tail).to(dst.dtype)
     if mode == "copy":
-        dst[(slice(None),) + index] = vals
-    elif mode == "add":
-        dst[(slice(None),) + index] += vals
-    elif mode == "accumulate":
-        # index_put_ indexes leading dims: move batch behind (row, head).
-        dst.movedim(0, 2).index_put_(index, vals.movedim(0, 3), accumulate=True)
+        flat.index_copy_(1, index.reshape(-1), vals)
     else:
-        raise ValueError(f"mode must be 'copy', 'add' or 'accumulate', got {mode!r}")
+        flat.index_add_(1, index.reshape(-1), vals)
 
 
 def _lse_blocks(lse_seq: torch.Tensor, group: BlockGroup) -> torch.Tensor:
     """Sequence-major lse [b, n, H] gathered to the kernel's layout [b*J, hc, L]."""
-    return gather_blocks(lse_seq, group.q_rows, group.q_heads, group.q_slice).transpose(1, 2)
+    return gather_blocks(lse_seq, group.q_index, group.q_slice).transpose(1, 2)
 
 
 def _chunks(groups: Iterable[BlockGroup], max_rows_x_heads: Optional[int]):
@@ -113,15 +106,15 @@ def blocks_forward_(
     ``merge=False`` writes instead of merging: only for the first branch, whose
     (row, head) places are still empty (out 0, lse -inf)."""
     for c in _chunks(groups, max_rows_x_heads):
-        qb = gather_blocks(q, c.q_rows, c.q_heads, c.q_slice)
-        kb = gather_blocks(k_src, c.k_rows, c.k_heads, c.k_slice)
-        vb = gather_blocks(v_src, c.k_rows, c.k_heads, c.k_slice)
+        qb = gather_blocks(q, c.q_index, c.q_slice)
+        kb = gather_blocks(k_src, c.k_index, c.k_slice)
+        vb = gather_blocks(v_src, c.k_index, c.k_slice)
         new_out, new_lse = attention_forward(qb, kb, vb, causal=c.causal, softmax_scale=softmax_scale, backend=backend)
         if merge:
-            prev_out = gather_blocks(acc_out, c.q_rows, c.q_heads, c.q_slice)
+            prev_out = gather_blocks(acc_out, c.q_index, c.q_slice)
             new_out, new_lse = merge_partials(prev_out, _lse_blocks(acc_lse, c), new_out, new_lse)
-        scatter_blocks_(acc_out, c.q_rows, c.q_heads, c.q_slice, new_out, "copy")
-        scatter_blocks_(acc_lse, c.q_rows, c.q_heads, c.q_slice, new_lse.transpose(1, 2), "copy")
+        scatter_blocks_(acc_out, c.q_index, c.q_slice, new_out, "copy")
+        scatter_blocks_(acc_lse, c.q_index, c.q_slice, new_lse.transpose(1, 2), "copy")
 
 
 def blocks_backward_(
@@ -146,16 +139,15 @@ def blocks_backward_(
     block's contribution is its exact share of the gradient of the union softmax.
     """
     for c in _chunks(groups, max_rows_x_heads):
-        qb = gather_blocks(q, c.q_rows, c.q_heads, c.q_slice)
-        kb = gather_blocks(k_src, c.k_rows, c.k_heads, c.k_slice)
-        vb = gather_blocks(v_src, c.k_rows, c.k_heads, c.k_slice)
-        dout_b = gather_blocks(dout, c.q_rows, c.q_heads, c.q_slice)
-        out_b = gather_blocks(out, c.q_rows, c.q_heads, c.q_slice)
+        qb = gather_blocks(q, c.q_index, c.q_slice)
+        kb = gather_blocks(k_src, c.k_index, c.k_slice)
+        vb = gather_blocks(v_src, c.k_index, c.k_slice)
+        dout_b = gather_blocks(dout, c.q_index, c.q_slice)
+        out_b = gather_blocks(out, c.q_index, c.q_slice)
         dq_b, dk_b, dv_b = attention_backward(
             dout_b, qb, kb, vb, out_b, _lse_blocks(lse_seq, c),
             causal=c.causal, softmax_scale=softmax_scale, backend=backend,
         )
-        k_mode = "add" if c.k_unique else "accumulate"
-        scatter_blocks_(dq, c.q_rows, c.q_heads, c.q_slice, dq_b, "add")
-        scatter_blocks_(dk_src, c.k_rows, c.k_heads, c.k_slice, dk_b, k_mode)
-        scatter_blocks_(dv_src, c.k_rows, c.k_heads, c.k_slice, dv_b, k_mode)
+        scatter_blocks_(dq, c.q_index, c.q_slice, dq_b, "add")
+        scatter_blocks_(dk_src, c.k_index, c.k_slice, dk_b, "add")
+        scatter_blocks_(dv_src, c.k_index, c.k_slice, dv_b, "add")

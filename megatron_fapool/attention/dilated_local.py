@@ -55,6 +55,7 @@ class DilatedLocalFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plans: Plans, softmax_scale: float, backend: str, max_rows: Optional[int]):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # gathers index [b, n*H, d] views
         acc_out, acc_lse = new_accumulators(q, q.shape[1], q.shape[2])
         for i, groups in enumerate(plans):
             blocks_forward_(
@@ -64,19 +65,19 @@ class DilatedLocalFunction(torch.autograd.Function):
         out = acc_out.to(q.dtype)
         del acc_out
         lse = acc_lse.transpose(1, 2).contiguous()
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, acc_lse)  # lse kept sequence-major for gathers
         ctx.mark_non_differentiable(lse)
         ctx.plans, ctx.softmax_scale, ctx.backend, ctx.max_rows = plans, softmax_scale, backend, max_rows
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse_seq = ctx.saved_tensors
+        dout = dout.contiguous()
         acc = accumulator_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        lse_seq = lse.transpose(1, 2)
         for groups in ctx.plans:
             blocks_backward_(
                 dq, dk, dv, dout, q, k, v, out, lse_seq, groups,

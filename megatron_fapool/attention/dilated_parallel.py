@@ -266,6 +266,7 @@ def _return_sparse_grad_(dx: torch.Tensor, dsrc: torch.Tensor, branch: _SeqBranc
 class _SequenceParallelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: _SeqSpec):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         num_heads = q.shape[2]
         acc_out, acc_lse = new_accumulators(q, q.shape[1], num_heads)
         for i, br in enumerate(spec.branches):
@@ -280,20 +281,20 @@ class _SequenceParallelFunction(torch.autograd.Function):
         out = acc_out.to(q.dtype)
         del acc_out
         lse = acc_lse.transpose(1, 2).contiguous()
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, acc_lse)
         ctx.mark_non_differentiable(lse)
         ctx.spec = spec
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse_seq = ctx.saved_tensors
+        dout = dout.contiguous()
         spec: _SeqSpec = ctx.spec
         acc = accumulator_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        lse_seq = lse.transpose(1, 2)
         num_heads = q.shape[2]
         kw = dict(softmax_scale=spec.softmax_scale, backend=spec.backend, max_rows_x_heads=spec.max_rows)
         for br in spec.branches:

@@ -104,48 +104,60 @@ class PackedKeyLayout:
 class BlockGroup:
     """Blocks of one shape, run as one dense kernel call.
 
-    ``q_rows[j]`` are the sequence rows (into the query tensor) of block ``j`` and
-    ``q_heads[j]`` its heads; likewise ``k_rows`` / ``k_heads`` into the key source
-    (the local K/V, or the packed all-gathered sparse K/V). ``q_slice`` / ``k_slice``
-    are ``(start, stop)`` when the rows are exactly ``arange(start, stop)`` laid out
-    block after block and the heads are all heads in order, so a view can replace the
-    gather. ``k_unique`` is False when two (row, head) pairs of the keys coincide (GQA:
-    several query heads read one key head), so gradient scatters must accumulate.
+    ``q_index[j, t, c] = row * q_heads_total + head`` addresses query row ``t``, head
+    ``c`` of block ``j`` in the query tensor viewed as ``[b, n*H, ...]`` (so one
+    ``index_select`` gathers a whole group, moving ``head_dim`` contiguous elements per
+    index); ``k_index`` likewise into the key source (the local K/V, or the packed
+    all-gathered sparse K/V) with ``k_heads_total`` heads. ``q_slice`` / ``k_slice`` are
+    ``(row_start, row_stop)`` when the group is exactly those rows with all heads in
+    order, so a view replaces the gather. Under GQA a ``k_index`` entry can repeat
+    (several query heads read one key head): gradient scatters sum repeats.
     """
 
-    q_rows: torch.Tensor  # [J, nq] int64
-    q_heads: torch.Tensor  # [J, hc] int64
-    k_rows: torch.Tensor  # [J, nk] int64
-    k_heads: torch.Tensor  # [J, hc] int64
+    q_index: torch.Tensor  # [J, nq, hc] int64
+    k_index: torch.Tensor  # [J, nk, hc] int64
+    q_heads_total: int
+    k_heads_total: int
     causal: bool
     q_slice: Optional[tuple[int, int]]
     k_slice: Optional[tuple[int, int]]
-    k_unique: bool
 
     @property
     def num_blocks(self) -> int:
-        return self.q_rows.shape[0]
+        return self.q_index.shape[0]
 
     @property
     def q_len(self) -> int:
-        return self.q_rows.shape[1]
+        return self.q_index.shape[1]
 
     @property
     def k_len(self) -> int:
-        return self.k_rows.shape[1]
+        return self.k_index.shape[1]
 
     @property
     def num_heads(self) -> int:
-        return self.q_heads.shape[1]
+        return self.q_index.shape[2]
+
+    @property
+    def q_rows(self) -> torch.Tensor:  # [J, nq]
+        return torch.div(self.q_index[:, :, 0], self.q_heads_total, rounding_mode="floor")
+
+    @property
+    def q_heads(self) -> torch.Tensor:  # [J, hc]
+        return self.q_index[:, 0, :] % self.q_heads_total
+
+    @property
+    def k_rows(self) -> torch.Tensor:  # [J, nk]
+        return torch.div(self.k_index[:, :, 0], self.k_heads_total, rounding_mode="floor")
+
+    @property
+    def k_heads(self) -> torch.Tensor:  # [J, hc]
+        return self.k_index[:, 0, :] % self.k_heads_total
 
     def to(self, device: torch.device) -> "BlockGroup":
-        return replace(
-            self,
-            q_rows=self.q_rows.to(device),
-            q_heads=self.q_heads.to(device),
-            k_rows=self.k_rows.to(device),
-            k_heads=self.k_heads.to(device),
-        )
+        q_index = self.q_index.to(device)
+        k_index = q_index if self.k_index is self.q_index else self.k_index.to(device)
+        return replace(self, q_index=q_index, k_index=k_index)
 
     def chunks(self, max_rows_x_heads: Optional[int]) -> list["BlockGroup"]:
         """Split along blocks so that one call sees at most ``max_rows_x_heads`` query
@@ -162,17 +174,9 @@ class BlockGroup:
                 q_slice = (self.q_slice[0] + j0 * self.q_len, self.q_slice[0] + j1 * self.q_len)
             if self.k_slice is not None:
                 k_slice = (self.k_slice[0] + j0 * self.k_len, self.k_slice[0] + j1 * self.k_len)
-            out.append(
-                replace(
-                    self,
-                    q_rows=self.q_rows[j0:j1],
-                    q_heads=self.q_heads[j0:j1],
-                    k_rows=self.k_rows[j0:j1],
-                    k_heads=self.k_heads[j0:j1],
-                    q_slice=q_slice,
-                    k_slice=k_slice,
-                )
-            )
+            q_index = self.q_index[j0:j1]
+            k_index = q_index if self.k_index is self.q_index else self.k_index[j0:j1]
+            out.append(replace(self, q_index=q_index, k_index=k_index, q_slice=q_slice, k_slice=k_slice))
         return out
 
 
@@ -292,20 +296,23 @@ def _plan_branch_cpu(
                 k_heads.append(heads)
         q_rows_t = torch.cat(q_rows)
         k_rows_t = torch.cat(k_rows)
-        q_heads_t = torch.cat(q_heads).contiguous()
-        k_heads_t = torch.cat(k_heads).contiguous()
+        q_heads_t = torch.cat(q_heads)
+        k_heads_t = torch.cat(k_heads)
+        k_total = num_heads if key_layout is not None else num_heads // kv_group
+        q_index = q_rows_t.unsqueeze(2) * num_heads + q_heads_t.unsqueeze(1)
+        k_index = k_rows_t.unsqueeze(2) * k_total + k_heads_t.unsqueeze(1)
+        if k_total == num_heads and torch.equal(k_index, q_index):
+            k_index = q_index  # square local blocks: one index serves both
         all_heads = hc == num_heads
-        kv_all_heads = all_heads and (key_layout is not None or kv_group == 1)
         groups.append(
             BlockGroup(
-                q_rows=q_rows_t,
-                q_heads=q_heads_t,
-                k_rows=k_rows_t,
-                k_heads=k_heads_t,
+                q_index=q_index,
+                k_index=k_index,
+                q_heads_total=num_heads,
+                k_heads_total=k_total,
                 causal=causal,
                 q_slice=_slice_of(q_rows_t) if all_heads else None,
-                k_slice=_slice_of(k_rows_t) if kv_all_heads else None,
-                k_unique=key_layout is not None or kv_group == 1 or hc == 1,
+                k_slice=_slice_of(k_rows_t) if all_heads and k_total == num_heads else None,
             )
         )
     return tuple(groups)
