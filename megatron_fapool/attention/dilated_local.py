@@ -83,7 +83,11 @@ class DilatedLocalFunction(torch.autograd.Function):
                 dq, dk, dv, dout, q, k, v, out, lse_seq, groups,
                 softmax_scale=ctx.softmax_scale, backend=ctx.backend, max_rows_x_heads=ctx.max_rows,
             )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        # Cast one at a time: each fp32 accumulator is freed before the next cast (peak memory).
+        dq = dq.to(q.dtype)
+        dk = dk.to(k.dtype)
+        dv = dv.to(v.dtype)
+        return dq, dk, dv, None, None, None, None
 
 
 def dilated_local(

@@ -308,7 +308,11 @@ class _SequenceParallelFunction(torch.autograd.Function):
             blocks_backward_(dq, dk_src, dv_src, dout, q, k_src, v_src, out, lse_seq, br.groups, **kw)
             _return_sparse_grad_(dk, dk_src, br, spec)
             _return_sparse_grad_(dv, dv_src, br, spec)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        # Cast one at a time: each fp32 accumulator is freed before the next cast (peak memory).
+        dq = dq.to(q.dtype)
+        dk = dk.to(k.dtype)
+        dv = dv.to(v.dtype)
+        return dq, dk, dv, None
 
 
 def _sequence_parallel(q, k, v, args: DilatedArgs, causal, backend, group, n, max_rows) -> torch.Tensor:
