@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from ..config import RunConfig, to_transformer_config
+from ..config import ConfigError, RunConfig, to_transformer_config
 from .gpt_layer_specs import get_fapool_gpt_layer_spec
 
 __all__ = ["build_gpt_model", "transformer_config_for"]
 
 
 def transformer_config_for(run_config: RunConfig, **overrides):
-    return to_transformer_config(
-        run_config.model.language_model,
+    kwargs = dict(
         tensor_model_parallel_size=run_config.tensor_model_parallel_size,
         pipeline_model_parallel_size=run_config.pipeline_model_parallel_size,
         params_dtype=run_config.params_dtype,
-        **overrides,
     )
+    kwargs.update(overrides)
+    return to_transformer_config(run_config.model.language_model, **kwargs)
 
 
 def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, **config_overrides) -> GPTModel:
     """``GPTModel`` for this base rank's pipeline stage (Megatron groups must exist)."""
     lm = run_config.model.language_model
+    if lm.position_embedding_type == "rope" and not torch.cuda.is_available():
+        raise ConfigError(
+            "language_model.position_embedding_type",
+            "rope needs a GPU with megatron-core 0.16 (its RotaryEmbedding moves to torch.cuda.current_device());"
+            " use learned_absolute on CPU",
+            source=run_config.model_yaml_path,
+        )
     config = config or transformer_config_for(run_config, **config_overrides)
     if layer_spec is None:
         layer_spec = get_fapool_gpt_layer_spec(

@@ -15,6 +15,7 @@ Its return value (picklable) is collected per rank.
 
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_mod
 import socket
@@ -57,7 +58,11 @@ def _rank_main(fn, rank, world_size, port, backend, env, args, results, collecti
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
         )
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Serialise here: tensors put on the queue directly are shared through file
+        # descriptors that vanish when this process exits.
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        results.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent verbatim
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -142,7 +147,9 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-    return [collected[r][1] for r in range(world_size)]
+    import torch
+
+    return [torch.load(io.BytesIO(collected[r][1]), weights_only=False) for r in range(world_size)]
 
 
 def _failures_text(collected: dict[int, tuple[bool, Any]]) -> str:

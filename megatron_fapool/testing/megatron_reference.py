@@ -1,0 +1,81 @@
+"""Single-process Megatron reference models on CPU, and TP-aware weight/grad helpers.
+
+The reference is Megatron's own ``GPTModel`` with Megatron's own local layer spec
+(``DotProductAttention``). That module allocates its score buffer from Megatron's
+global memory buffer on ``torch.cuda.current_device()`` and forks the CUDA RNG
+tracker around dropout; :func:`cpu_reference_shims` points both at the CPU for the
+duration of a test (the computation itself is Megatron's, unchanged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["cpu_reference_shims", "full_from_shard", "load_sharded", "megatron_reference_spec"]
+
+
+class _CPUMemoryBuffer:
+    def get_tensor(self, shape, dtype, name, mem_alloc_context=None):
+        return torch.empty(shape, dtype=dtype)
+
+
+class _NoForkTracker:
+    @contextlib.contextmanager
+    def fork(self, name=None):
+        yield
+
+
+@contextlib.contextmanager
+def cpu_reference_shims():
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as tp_random
+
+    saved = (parallel_state._GLOBAL_MEMORY_BUFFER, tp_random._CUDA_RNG_STATE_TRACKER,
+             tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED)
+    parallel_state._GLOBAL_MEMORY_BUFFER = _CPUMemoryBuffer()
+    tp_random._CUDA_RNG_STATE_TRACKER = _NoForkTracker()
+    tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    try:
+        yield
+    finally:
+        (parallel_state._GLOBAL_MEMORY_BUFFER, tp_random._CUDA_RNG_STATE_TRACKER,
+         tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED) = saved
+
+
+def megatron_reference_spec(normalization: str = "RMSNorm"):
+    """Megatron's own local GPT layer spec (nothing of ours)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization=normalization)
+
+
+def _partition(param) -> tuple[bool, int]:
+    return bool(getattr(param, "tensor_model_parallel", False)), getattr(param, "partition_dim", -1)
+
+
+def load_sharded(model: torch.nn.Module, full_state: dict, tp_rank: int, tp_size: int) -> None:
+    """Copy a TP=1 state dict into a TP-sharded model (slices along each parameter's partition dim)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            full = full_state[name]
+            sharded, dim = _partition(p)
+            if sharded and tp_size > 1:
+                full = full.chunk(tp_size, dim=dim)[tp_rank]
+            if full.shape != p.shape:
+                raise ValueError(f"{name}: reference shape {tuple(full.shape)} vs model {tuple(p.shape)}")
+            p.copy_(full)
+
+
+def full_from_shard(param: torch.nn.Parameter, tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    """Gather a TP-sharded tensor (e.g. a gradient) of ``param`` back to its full shape."""
+    sharded, dim = _partition(param)
+    size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    if not sharded or size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=dim)
