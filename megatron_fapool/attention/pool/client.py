@@ -24,7 +24,21 @@ from .partition import ZigzagPlan, zigzag_plan
 from .protocol import DTYPES, Header, Op
 from .stats import PoolStats
 
-__all__ = ["PoolClient", "PooledAttention", "pack_member_chunks", "unpack_member_chunks"]
+__all__ = ["PoolClient", "PoolRankLost", "PooledAttention", "pack_member_chunks", "unpack_member_chunks"]
+
+
+class PoolRankLost(RuntimeError):
+    """A collective with the pool failed: a member process died or the link broke."""
+
+
+def _named_failure(what: str, peers, fn, *args, **kwargs):
+    """Run ``fn``; turn a communication failure into an error naming the peer ranks."""
+    try:
+        return fn(*args, **kwargs)
+    except PoolRankLost:
+        raise
+    except (RuntimeError, ConnectionError) as e:  # torch's DistBackendError is a RuntimeError
+        raise PoolRankLost(f"{what}: lost contact with rank(s) {list(peers)}: {str(e).splitlines()[0]}") from e
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -91,6 +105,12 @@ class PoolClient:
     # -- forward ------------------------------------------------------------------------
     def forward(self, q, k, v, *, active: int, causal: bool, softmax_scale: float, save: bool):
         """q ``[n, b, h, d]``, k/v ``[n, b, hk, d]`` (Megatron layout). Returns (out, lse_own, plan, call_id)."""
+        return _named_failure(
+            f"attention pool forward of base rank {self.rank}", self.pool_ranks[:active],
+            self._forward, q, k, v, active=active, causal=causal, softmax_scale=softmax_scale, save=save,
+        )
+
+    def _forward(self, q, k, v, *, active: int, causal: bool, softmax_scale: float, save: bool):
         n, b, h, d = q.shape
         hk = k.shape[2]
         members = active + 1
@@ -141,6 +161,12 @@ class PoolClient:
 
     # -- backward -----------------------------------------------------------------------
     def backward(self, dout, q, k, v, out, lses, *, plan: ZigzagPlan, call_id: int, softmax_scale: float):
+        return _named_failure(
+            f"attention pool backward of base rank {self.rank}", self.pool_ranks[: plan.members - 1],
+            self._backward, dout, q, k, v, out, lses, plan=plan, call_id=call_id, softmax_scale=softmax_scale,
+        )
+
+    def _backward(self, dout, q, k, v, out, lses, *, plan: ZigzagPlan, call_id: int, softmax_scale: float):
         n, b, h, d = q.shape
         members = plan.members
         group = self.groups.attention_group(self.rank, members - 1)

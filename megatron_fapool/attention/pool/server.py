@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .blocks import chunks_backward, chunks_forward
-from .client import _nbytes, member_views
+from .client import _named_failure, _nbytes, member_views
 from .partition import ZigzagPlan, zigzag_plan
 from .protocol import Header, Op
 from .stats import PoolStats
@@ -58,6 +58,9 @@ class PoolServer:
 
     def serve(self) -> PoolStats:
         """Serve until the base rank sends SHUTDOWN; returns this rank's counters."""
+        return _named_failure(f"pool rank {self.groups.rank}", [self.base], self._serve)
+
+    def _serve(self) -> PoolStats:
         while True:
             h = self._recv_header()
             if h.op == Op.SHUTDOWN:
