@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
+#   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
+# Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench pool-test
+# `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
+# (megatron-core, deepspeed, pydantic) for an image that lacks them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+PY=${PY:-python3}
+rc=0
+stage() { echo "=== $1 ($(date -u +%H:%M:%S)) ==="; }
+for s in "$@"; do
+  case $s in
+    setup)
+      stage setup
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || rc=1
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpus.txt"
+      $PY -c "import torch, megatron.core, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" ;;
+    kernels-test)
+      stage kernels-test
+      timeout 150 $PY -m pytest tests/attention/test_local.py -q -m gpu -rs -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/kernels_test.txt" || rc=1 ;;
+    kernels-bench)
+      stage kernels-bench
+      CUDA_VISIBLE_DEVICES=0 timeout 240 $PY tools/bench_local_attention.py --markdown "$OUT/bench_local_attention.md" 2>&1 | tail -40 || rc=1 ;;
+    pool-bench)
+      stage pool-bench
+      timeout 420 torchrun --nproc_per_node 2 tools/bench_pool_attention.py --markdown "$OUT/bench_pool_attention.md" 2>&1 | grep -v Warning | tail -40 || rc=1 ;;
+    calibrate)
+      stage calibrate
+      timeout 240 torchrun --nproc_per_node 2 tools/calibrate_pool.py --deepspeed_config configs/paper_dense_pool.json --output "$OUT/pool_calibration.json" 2>&1 | grep -v Warning | tail -30 || rc=1 ;;
+    dilated-bench)
+      stage dilated-bench
+      timeout 480 torchrun --nproc_per_node 2 tools/bench_dilated.py --markdown "$OUT/bench_dilated.md" 2>&1 | grep -v Warning | tail -40 || rc=1 ;;
+    *) echo "unknown stage $s"; rc=2 ;;
+  esac
+done
+exit $rc
