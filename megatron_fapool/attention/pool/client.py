@@ -188,7 +188,9 @@ class PoolClient:
         )
         work.wait()
         e_max = plan.pool_kv_prefix
-        dkv = torch.stack((dk[:e_max], dv[:e_max]), dim=1)  # [e, 2, b, hk, d] fp32
+        # partial sums travel in the input dtype (bf16 on GPU: half the bytes of fp32); each
+        # member accumulated its own blocks in fp32, so one rounding per member
+        dkv = torch.stack((dk[:e_max], dv[:e_max]), dim=1).to(k.dtype)  # [e, 2, b, hk, d]
         dist.reduce(dkv, dst=self.rank, op=dist.ReduceOp.SUM, group=group)
         self.stats.bytes_received += _nbytes(dkv) * (members - 1)
         dk[:e_max], dv[:e_max] = dkv[:, 0], dkv[:, 1]

@@ -136,7 +136,7 @@ class PoolServer:
             s.kv[:, 0], s.kv[:, 1], member_views(s.obuf, plan, self.member), s.lses,
             causal=plan.causal, softmax_scale=fh.softmax_scale, backend=fh.backend_name, kv_len=e_max,
         )
-        dkv = torch.stack((dk, dv), dim=1)
+        dkv = torch.stack((dk, dv), dim=1).to(fh.torch_dtype)  # the base reduces in the input dtype
         dist.reduce(dkv, dst=self.base, op=dist.ReduceOp.SUM, group=group)
         self.stats.bytes_sent += _nbytes(dkv)
         gbuf = torch.zeros_like(s.qbuf)
