@@ -27,8 +27,8 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def _body(rank, world, pool_size, cases):
-    layout = compute_layout(world, tp=1, pool_size=pool_size, num_attention_heads=4, num_query_groups=2)
+def _body(rank, world, pool_size, cases, tp=1, pp=1):
+    layout = compute_layout(world, tp=tp, pp=pp, pool_size=pool_size, num_attention_heads=4, num_query_groups=2)
     groups = initialize_parallel_groups(layout)
     if groups.is_pool:
         stats = PoolServer(groups, device=torch.device("cpu")).serve()
@@ -72,3 +72,14 @@ def test_pooled_attention_matches_float64_reference(pool_size, cases):
         used = sum(1 for n, active, _ in cases if active >= slot)
         assert pool["served_forward"] == used and pool["served_backward"] == used
         assert pool["query_rows"] > 0 and pool["bytes_received"] > 0 and pool["bytes_sent"] > 0
+
+
+def test_each_pipeline_stage_and_tp_rank_uses_its_own_pool_share():
+    """TP 2 x PP 2 base grid + 4 pool ranks: all four base ranks pool at once, each with its own pool rank."""
+    cases = [(300, 1, True)]
+    res = run_distributed(_body, 8, 4, cases, 2, 2, timeout=240)
+    for base in res[:4]:
+        assert all(e <= 1e-5 for err in base["errors"] for e in err.values()), base["errors"]
+        assert base["stats"]["pooled_forward"] == 1
+    for pool in res[4:]:
+        assert pool["served_forward"] == 1 and pool["served_backward"] == 1
