@@ -66,7 +66,9 @@ class AttentionPoolConfig(_Section):
         2, description="steps a new choice of active pool size must persist before it is applied"
     )
     kv_chunk_tokens: PositiveInt = Field(
-        8192, description="K/V are sent in chunks of this many tokens, overlapped with compute"
+        65536,
+        description="largest K/V piece sent in one collective (pieces also end where a pool"
+        " member can start computing); measured on 2 x H200: larger pieces are faster",
     )
 
     @model_validator(mode="after")

@@ -5,8 +5,8 @@ ranks`` (forward and backward as pure-ish methods); :class:`PooledAttention` is 
 autograd layer. All groups exist already (created at start-up); a call only uses them.
 
 Transfers (DESIGN.md §2): the query chunks of each member are scattered; the K/V
-prefix the pool members need is broadcast in chunks of ``kv_chunk`` tokens, so pool
-members start computing on the first chunk while later ones are on the wire; the base
+prefix the pool members need is broadcast in a few pieces (:meth:`ZigzagPlan.kv_pieces`),
+so a pool member starts computing once its first chunk's keys are in; the base
 computes its own chunks meanwhile; outputs are gathered. Backward: dO scattered, dQ
 gathered, dK/dV partial sums reduced to the base (a tree inside the collective).
 """
@@ -136,8 +136,8 @@ class PoolClient:
         # 2. K/V prefix for the pool members, in chunks (pool members compute on arrival)
         e_max = plan.pool_kv_prefix
         kv = torch.stack((k[:e_max], v[:e_max]), dim=1)  # [e, 2, b, hk, d], contiguous
-        for lo in range(0, e_max, self.kv_chunk):
-            piece = kv[lo : lo + self.kv_chunk]
+        for lo, hi in plan.kv_pieces(self.kv_chunk):
+            piece = kv[lo:hi]
             works.append(dist.broadcast(piece, src=self.rank, group=group, async_op=True))
             self.stats.bytes_sent += _nbytes(piece) * active
         # 3. own chunks, overlapped with the transfers

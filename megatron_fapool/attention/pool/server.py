@@ -88,8 +88,8 @@ class PoolServer:
         e_max = plan.pool_kv_prefix
         kv = torch.empty((e_max, 2, h.batch, h.kv_heads, h.head_dim), dtype=dt, device=self.device)
         works = []
-        for lo in range(0, e_max, h.kv_chunk):
-            piece = kv[lo : lo + h.kv_chunk]
+        for lo, hi in plan.kv_pieces(h.kv_chunk):
+            piece = kv[lo:hi]
             works.append((lo, dist.broadcast(piece, src=self.base, group=group, async_op=True)))
             self.stats.bytes_received += _nbytes(piece)
         spans = plan.spans_of(self.member)
