@@ -62,7 +62,12 @@ class Header:
         return struct.unpack("<q", struct.pack("<d", float(scale)))[0]
 
     def to_tensor(self, device) -> torch.Tensor:
-        return torch.tensor(astuple(self), dtype=torch.int64, device=device)
+        t = torch.tensor(astuple(self), dtype=torch.int64)
+        if torch.device(device).type == "cuda":
+            # pinned + non_blocking: a pageable copy would block the host until the GPU
+            # has finished all queued work, serialising every pooled call
+            return t.pin_memory().to(device, non_blocking=True)
+        return t
 
     @classmethod
     def empty(cls, device) -> torch.Tensor:
