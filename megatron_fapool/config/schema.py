@@ -66,9 +66,9 @@ class AttentionPoolConfig(_Section):
         2, description="steps a new choice of active pool size must persist before it is applied"
     )
     kv_chunk_tokens: PositiveInt = Field(
-        65536,
-        description="largest K/V piece sent in one collective (pieces also end where a pool"
-        " member can start computing); measured on 2 x H200: larger pieces are faster",
+        1 << 20,
+        description="largest K/V piece sent in one collective; measured on 2 x H200, one"
+        " piece is fastest (see docs/benchmarks.md), so the default sends one",
     )
 
     @model_validator(mode="after")

@@ -66,14 +66,8 @@ def test_manager_cost_model_and_hysteresis_between_sizes():
     assert 1 < cost.break_even() < 2_000_000
 
 
-def test_kv_pieces_few_and_aligned_to_first_chunks():
+def test_kv_pieces_cover_the_pool_prefix():
     plan = zigzag_plan(16384, 2, causal=True)
-    # one pool member: its first chunk [4096, 8192) sees keys [0, 8192); the rest follows
-    assert plan.kv_pieces(65536) == [(0, 8192), (8192, 12288)]
-    assert plan.kv_pieces(3000)[0] == (0, 3000)
-    for max_tokens in (100, 3000, 65536):
-        pieces = zigzag_plan(749, 4, causal=True).kv_pieces(max_tokens)
-        assert pieces[0][0] == 0 and pieces[-1][1] == zigzag_plan(749, 4, causal=True).pool_kv_prefix
-        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
-        assert all(0 < hi - lo <= max_tokens for lo, hi in pieces)
-    assert zigzag_plan(1000, 3, causal=False).kv_pieces(65536) == [(0, 1000)]
+    assert plan.kv_pieces(1 << 20) == [(0, 12288)]  # one member: keys up to its later chunk's end
+    assert plan.kv_pieces(5000) == [(0, 5000), (5000, 10000), (10000, 12288)]
+    assert zigzag_plan(1000, 3, causal=False).kv_pieces(1 << 20) == [(0, 1000)]

@@ -5,8 +5,8 @@ ranks`` (forward and backward as pure-ish methods); :class:`PooledAttention` is 
 autograd layer. All groups exist already (created at start-up); a call only uses them.
 
 Transfers (DESIGN.md §2): the query chunks of each member are scattered; the K/V
-prefix the pool members need is broadcast in a few pieces (:meth:`ZigzagPlan.kv_pieces`),
-so a pool member starts computing once its first chunk's keys are in; the base
+prefix the pool members need is broadcast (in pieces of ``kv_chunk`` tokens, one by
+default: :meth:`ZigzagPlan.kv_pieces` says why); the base
 computes its own chunks meanwhile; outputs are gathered. Backward: dO scattered, dQ
 gathered, dK/dV partial sums reduced to the base (a tree inside the collective).
 """

@@ -46,24 +46,15 @@ class ZigzagPlan:
         return max(self.bounds[c + 1] - self.bounds[c] for c in range(2 * self.members))
 
     def kv_pieces(self, max_tokens: int) -> list[tuple[int, int]]:
-        """How the K/V prefix ``[0, pool_kv_prefix)`` is sent: as few collectives as possible.
+        """How the K/V prefix ``[0, pool_kv_prefix)`` is sent: pieces of ``max_tokens``.
 
-        Pieces end where some pool member's first chunk has all the keys it sees, so that
-        member starts computing while the rest is on the wire; no piece exceeds
-        ``max_tokens``. (Each collective costs a kernel that must find free SMs next to the
-        attention kernels, so many small pieces are slower than a few large ones.)
+        Measured on 2 x H200 (docs/benchmarks.md): fewer, larger pieces are faster. A
+        collective issued once attention kernels occupy the GPU waits for free SMs, so
+        pieces sent behind the first one do not overlap with compute; they only add
+        launches. The default (config ``kv_chunk_tokens``) therefore sends one piece.
         """
         e_max = self.pool_kv_prefix
-        cuts = {e_max}
-        if self.causal:
-            cuts |= {self.span(m)[1] for m in range(1, self.members)}
-        edges = [0]
-        for cut in sorted(c for c in cuts if 0 < c <= e_max):
-            while cut - edges[-1] > max_tokens:
-                edges.append(edges[-1] + max_tokens)
-            if cut > edges[-1]:
-                edges.append(cut)
-        return list(zip(edges[:-1], edges[1:]))
+        return [(lo, min(lo + max_tokens, e_max)) for lo in range(0, e_max, max_tokens)]
 
     def work(self, member: int) -> int:
         """Query-key pairs member ``member`` computes (causal: ~ equal for all members)."""
