@@ -115,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="local kernel backend (megatron_fapool.attention.local), default auto")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 20 up to 8K, 10 up to 32K, else 5)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: 5 up to 8K, 3 up to 32K, else 2)")
-    p.add_argument("--kv-chunk", default="8192", help="pool kv_chunk_tokens: an integer, or 'auto' (fastest forward per n)")
+    p.add_argument("--kv-chunk", default=str(1 << 20), help="pool kv_chunk_tokens: an integer, or 'auto' (fastest forward per n)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {','.join(STRATEGIES)}")
     p.add_argument("--markdown", default=None, help="write the results table here (rewritten after each n)")
     p.add_argument("--tol", type=float, default=None, help="max relative error vs 1 GPU (default 2.5e-2 16-bit, 1e-4 fp32)")

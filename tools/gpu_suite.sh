@@ -27,7 +27,7 @@ for s in "$@"; do
       CUDA_VISIBLE_DEVICES=0 timeout 240 $PY tools/bench_local_attention.py --markdown "$OUT/bench_local_attention.md" 2>&1 | tail -40 || rc=1 ;;
     pool-bench)
       stage pool-bench
-      timeout 400 torchrun --nproc_per_node 2 --master_port 29512 tools/bench_pool_attention.py --kv-chunk 65536 --markdown "$OUT/bench_pool_attention.md" 2>&1 | tee "$OUT/pool_bench.log" | grep -v -i warn | tail -60 || rc=1 ;;
+      timeout 400 torchrun --nproc_per_node 2 --master_port 29512 tools/bench_pool_attention.py --markdown "$OUT/bench_pool_attention.md" 2>&1 | tee "$OUT/pool_bench.log" | grep -v -i warn | tail -60 || rc=1 ;;
     calibrate)
       stage calibrate
       timeout 150 torchrun --nproc_per_node 2 --master_port 29511 tools/calibrate_pool.py --deepspeed_config configs/paper_dense_pool.json --output "$OUT/pool_calibration.json" 2>&1 | tee "$OUT/calibrate.log" | grep -v -i warn | tail -40 || rc=1 ;;
