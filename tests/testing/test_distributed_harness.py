@@ -40,6 +40,7 @@ def test_rank_error_fails_with_its_traceback():
 
 def test_hang_times_out_quickly():
     t0 = time.monotonic()
-    with pytest.raises(DistributedRunError, match=r"timed out after 8s waiting for rank\(s\) \[0\]"):
-        run_distributed(_hang_on_rank_0, 2, timeout=8)
-    assert time.monotonic() - t0 < 20
+    # rank 1 may still be starting on a loaded machine; rank 0 (the hung one) must be named
+    with pytest.raises(DistributedRunError, match=r"timed out after 10s waiting for rank\(s\) \[0(, 1)?\]"):
+        run_distributed(_hang_on_rank_0, 2, timeout=10)
+    assert time.monotonic() - t0 < 25
