@@ -133,6 +133,11 @@ def load_model_yaml(path: str) -> ModelYaml:
         ) from None
 
 
+def _relative_to(directory: str, path: str) -> str:
+    """Paths in the JSON are relative to the JSON file, as users write them."""
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(directory, path))
+
+
 def _precision(ds: dict, source: str) -> str:
     enabled = [
         name
@@ -150,9 +155,15 @@ def load_run_config(json_path: str) -> RunConfig:
     if "fapool" not in ds:
         raise ConfigError("fapool", "section missing: add a top-level \"fapool\" object (see configs/)", source=json_path)
     fapool = parse_fapool(ds.pop("fapool"), source=json_path)
-    yaml_path = fapool.model_yaml
-    if not os.path.isabs(yaml_path):
-        yaml_path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(json_path)), yaml_path))
+    here = os.path.dirname(os.path.abspath(json_path))
+    yaml_path = _relative_to(here, fapool.model_yaml)
+    pool = fapool.attention_pool
+    if pool.calibration_file:
+        from ..attention.pool.manager import load_calibration
+
+        pool = pool.model_copy(update={"calibration_file": _relative_to(here, pool.calibration_file)})
+        load_calibration(pool.calibration_file)  # a missing or broken file fails now, not mid-run
+        fapool = fapool.model_copy(update={"attention_pool": pool})
     model = load_model_yaml(yaml_path)
 
     sizes = {}

@@ -137,3 +137,19 @@ def test_missing_files_and_section(tmp_path):
     data.pop("fapool")
     with pytest.raises(ConfigError, match="fapool: section missing"):
         load_run_config(_write(tmp_path, data))
+
+
+def test_auto_threshold_reads_the_shipped_calibration():
+    from megatron_fapool.attention.pool.manager import PoolResourceManager
+
+    cfg = load_run_config(os.path.join(ROOT, "configs", "paper_dense_pool_auto.json"))
+    assert os.path.isfile(cfg.fapool.attention_pool.calibration_file)
+    mgr = PoolResourceManager.from_config(cfg.fapool.attention_pool, pool_share=1)
+    assert 4096 < mgr.threshold < 131072 and mgr.cost_model is not None
+
+
+def test_missing_calibration_file_fails_at_load(tmp_path):
+    data = _tiny(tmp_path)
+    data["fapool"]["attention_pool"].update(threshold="auto", calibration_file="nope.json")
+    with pytest.raises(ConfigError, match="calibration_file: file not found"):
+        load_run_config(_write(tmp_path, data))
