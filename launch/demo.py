@@ -60,19 +60,18 @@ def _seq_lengths(args, cfg) -> list[int]:
 def _base_rank(cfg, groups, device, args, lengths) -> None:
     from megatron.core import parallel_state
 
-    from megatron_fapool.attention.pool import AttentionPool, PoolCoreAttention
+    from megatron_fapool.attention.pool import AttentionPool
+    from megatron_fapool.models.attention_selection import layer_spec_for
     from megatron_fapool.models.gpt import build_gpt_model
-    from megatron_fapool.models.gpt_layer_specs import get_fapool_gpt_layer_spec
+    from megatron_fapool.training.flops import step_flops
 
     lm = cfg.model.language_model
     backend = cfg.fapool.attention_backend.backend
     pool = None
     if groups.layout.pool_per_base:
         pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool, backend=backend)
-    spec = get_fapool_gpt_layer_spec(
-        normalization=lm.normalization, qk_layernorm=lm.qk_layernorm,
-        core_attention=PoolCoreAttention, core_attention_params={"backend": backend, "pool": pool},
-    )
+    # dense or dilated core attention, through the pool when this rank has one
+    spec = layer_spec_for(cfg, pool)
     torch.manual_seed(args.seed)
     model = build_gpt_model(cfg, layer_spec=spec).to(device)
     reporter = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
@@ -91,9 +90,10 @@ def _base_rank(cfg, groups, device, args, lengths) -> None:
         elapsed = time.perf_counter() - t0
         grad_sq = sum(float(p.grad.float().pow(2).sum()) for p in model.parameters() if p.grad is not None)
         if reporter:
+            flops = step_flops(cfg, args.micro_batch_size, n)  # whole model, this micro-batch
             line = (
                 f"[rank {dist.get_rank()}] seq {n:>5}  loss {loss.item():.6f}  local grad norm {grad_sq ** 0.5:.4f}"
-                f"  {elapsed:.2f}s"
+                f"  {elapsed:.2f}s  {flops / 1e9:.2f} GFLOP ({flops / elapsed / 1e12:.4f} TFLOP/s)"
             )
             if pool is not None:
                 d = {k: v - before[k] for k, v in pool.stats.as_dict().items()}

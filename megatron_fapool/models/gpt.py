@@ -7,7 +7,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from ..config import ConfigError, RunConfig, to_transformer_config
-from .gpt_layer_specs import get_fapool_gpt_layer_spec
+from .attention_selection import layer_spec_for
 
 __all__ = ["build_gpt_model", "transformer_config_for"]
 
@@ -22,8 +22,12 @@ def transformer_config_for(run_config: RunConfig, **overrides):
     return to_transformer_config(run_config.model.language_model, **kwargs)
 
 
-def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, **config_overrides) -> GPTModel:
-    """``GPTModel`` for this base rank's pipeline stage (Megatron groups must exist)."""
+def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, pool=None, **config_overrides) -> GPTModel:
+    """``GPTModel`` for this base rank's pipeline stage (Megatron groups must exist).
+
+    Without ``layer_spec`` the core attention follows the config (dense or dilated,
+    through ``pool`` when given): :func:`.attention_selection.layer_spec_for`.
+    """
     lm = run_config.model.language_model
     if lm.position_embedding_type == "rope" and not torch.cuda.is_available():
         raise ConfigError(
@@ -34,11 +38,7 @@ def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, **co
         )
     config = config or transformer_config_for(run_config, **config_overrides)
     if layer_spec is None:
-        layer_spec = get_fapool_gpt_layer_spec(
-            normalization=lm.normalization,
-            qk_layernorm=lm.qk_layernorm,
-            core_attention_params={"backend": run_config.fapool.attention_backend.backend},
-        )
+        layer_spec = layer_spec_for(run_config, pool)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

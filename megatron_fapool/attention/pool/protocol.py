@@ -21,6 +21,8 @@ class Op:
     FORWARD = 1
     BACKWARD = 2
     SHUTDOWN = 3
+    HEADS_FORWARD = 4  # the pool splitting heads (dilated attention): see heads.py
+    HEADS_BACKWARD = 5
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -44,6 +46,7 @@ class Header:
     save: int = 1  # keep state for a backward
     scale_bits: int = 0
     backend: int = 0
+    extra: int = 0  # HEADS_FORWARD: int64 entries of the parameter tensor that follows
 
     @property
     def softmax_scale(self) -> float:

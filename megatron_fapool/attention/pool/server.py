@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .blocks import chunks_backward, chunks_forward
 from .client import _named_failure, _nbytes, member_views
+from .heads import serve_heads_backward, serve_heads_forward
 from .partition import ZigzagPlan, zigzag_plan
 from .protocol import Header, Op
 from .stats import PoolStats
@@ -74,6 +75,10 @@ class PoolServer:
                 self._forward(h)
             elif h.op == Op.BACKWARD:
                 self._backward(h)
+            elif h.op == Op.HEADS_FORWARD:
+                serve_heads_forward(self, h)
+            elif h.op == Op.HEADS_BACKWARD:
+                serve_heads_backward(self, h)
             else:
                 raise RuntimeError(f"pool rank {self.groups.rank}: unknown op {h.op} from base rank {self.base}")
 

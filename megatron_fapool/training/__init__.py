@@ -1,0 +1,1 @@
+"""Training-loop helpers (FLOP accounting for the log)."""
