@@ -17,8 +17,16 @@ What one run measures, for every ``--seqlens`` n (batch 1):
   the dilated FLOPs (useful work), like ours.
 * With ``torchrun --nproc_per_node P`` (P > 1): the 1-GPU rows are measured on every
   rank at once (identical, independent work, no communication), then **ours, P GPUs**
-  (``dilated_attention_parallel``, all-to-all head-parallel) and **flex, P GPUs** (the
-  same all-to-alls around flex on each rank's heads), and the speedup over 1 GPU.
+  (``dilated_attention_parallel`` in ``--parallel-modes``: ``auto`` runs every shard on
+  its own with no communication when no segment crosses a shard boundary, else
+  head-parallel; ``heads`` forces the all-to-all head-parallel path; the note says which
+  ran and what it sent) and **flex, P GPUs** (all-to-alls around flex on each rank's
+  heads), and the speedup over 1 GPU.
+
+Failures: every row runs guarded; an OOM or exception on any rank becomes that row's
+note on every rank (the ranks agree through one all_gather after each phase, and no
+phase issues collectives of its own other than the attention's), so later rows still
+run and the table stays complete.
 
 Timing: warm-up (includes compilation and plan building), then the median of
 ``--iters`` steps timed with CUDA events (``time.perf_counter`` on CPU); on P GPUs the
@@ -36,6 +44,7 @@ Examples::
 
     python tools/bench_dilated.py --markdown runs/dilated_1gpu.md
     torchrun --nproc_per_node 2 tools/bench_dilated.py --markdown runs/dilated_2gpu.md
+    torchrun --nproc_per_node 2 tools/bench_dilated.py --seqlens 1048576 --parallel-modes auto,heads
     python tools/bench_dilated.py --device cpu --seqlens 4096 --heads 4 --head-dim 16 \\
         --segments 256,512 --rates 1,2
     torchrun --nproc_per_node 2 tools/bench_dilated.py --device cpu --seqlens 4096 \\
@@ -46,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import math
 import os
 import statistics
@@ -68,9 +78,18 @@ from megatron_fapool.attention.dilated import (  # noqa: E402
     dilated_attention_parallel,
     dilated_attention_reference_vjp,
 )
+from megatron_fapool.attention.dilated_args import DilatedArgs  # noqa: E402
 from megatron_fapool.attention.dilated_blocks import DEFAULT_MAX_ROWS_X_HEADS  # noqa: E402
-from megatron_fapool.attention.dilated_comm import heads_to_seq, seq_to_heads  # noqa: E402
-from megatron_fapool.attention.dilated_plan import ceil_div, head_offset, plan_branch  # noqa: E402
+from megatron_fapool.attention.dilated_comm import (  # noqa: E402
+    comm_counters,
+    heads_to_seq,
+    reset_comm_counters,
+    seq_to_heads,
+)
+from megatron_fapool.attention.dilated_local import kernel_calls  # noqa: E402
+from megatron_fapool.attention.dilated_parallel import parallel_mode  # noqa: E402
+from megatron_fapool.attention.dilated_plan import ceil_div, effective_segment  # noqa: E402
+from megatron_fapool.attention.dilated_strided import DEFAULT_MAX_VIEW_ELEMENTS  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GOAL_TOKENS_PER_S = 4e6
@@ -93,7 +112,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--flex-iters", type=int, default=3, help="timed steps for flex (it is much slower)")
     p.add_argument("--backend", default="auto", help="local kernel backend for ours and the dense blocks")
-    p.add_argument("--max-rows-x-heads", type=int, default=DEFAULT_MAX_ROWS_X_HEADS)
+    p.add_argument("--max-rows-x-heads", type=int, default=DEFAULT_MAX_ROWS_X_HEADS,
+                   help="rows x heads of one kernel call on copied blocks (bounds temporaries)")
+    p.add_argument("--max-view-elements", type=int, default=DEFAULT_MAX_VIEW_ELEMENTS,
+                   help="q elements of one kernel call made on an uncopied (rate-1) view")
+    p.add_argument("--parallel-modes", type=lambda s: [m for m in s.split(",") if m], default=["auto"],
+                   help="with P > 1: comma list of dilated_attention_parallel modes, one row each"
+                   " (auto, heads, sequence)")
     p.add_argument("--check-seqlen", type=int, default=None, help="n for the float64 check (0: skip)")
     p.add_argument("--skip-flex", action="store_true")
     p.add_argument(
@@ -104,9 +129,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--skip-single", action="store_true", help="with P > 1: skip the 1-GPU rows")
     p.add_argument("--markdown", default=None, help="write the report here (rank 0), rewritten after every n")
+    # Tests: make the row "IMPL,GPUS,RANK" raise an OOM on that rank (e.g. "ours,1,1").
+    p.add_argument("--debug-fail", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if len(args.segments) != len(args.rates):
         p.error("--segments and --rates need the same number of entries")
+    bad = [m for m in args.parallel_modes if m not in ("auto", "heads", "sequence")]
+    if bad or not args.parallel_modes:
+        p.error(f"--parallel-modes: choose from auto, heads, sequence (got {args.parallel_modes})")
     if args.check_seqlen is None:
         args.check_seqlen = 6221 if args.device == "cuda" else 1000
     return args
@@ -122,6 +152,7 @@ class Env:
     device: torch.device
     rank: int = 0
     world: int = 1
+    debug_fail: Optional[tuple[str, int, int]] = None
 
     @property
     def cuda(self) -> bool:
@@ -161,7 +192,8 @@ def setup(args) -> Env:
 
 
 def timed_median_ms(env: Env, step: Callable[[], None], warmup: int, iters: int) -> tuple[float, float]:
-    """(median ms over the slowest rank, peak bytes allocated on this device during the steps)."""
+    """(median ms, peak bytes allocated on this device during the steps), this rank only:
+    no collective here (a phase may fail on one rank only); phases combine ranks after."""
     for _ in range(warmup):
         step()
     env.sync()
@@ -181,10 +213,11 @@ def timed_median_ms(env: Env, step: Callable[[], None], warmup: int, iters: int)
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     peak = float(torch.cuda.max_memory_allocated(env.device)) if env.cuda else float("nan")
-    return env.max(statistics.median(times)), env.max(peak)
+    return statistics.median(times), peak
 
 
 def free(env: Env) -> None:
+    gc.collect()
     if env.cuda:
         torch.cuda.empty_cache()
 
@@ -316,25 +349,25 @@ FLEX = {"union": FlexUnion, "branches": FlexBranches}
 FLEX_LABEL = {"union": "flex (union mask, score_mod log C)", "branches": "flex (mask per branch, LSE merge)"}
 
 
-def dense_block_shapes(n, args, first_head, num_heads) -> Counter:
-    """Kernel calls ours makes: (batch, q rows, k rows, heads, causal) -> count."""
-    shapes: Counter = Counter()
-    for w, r in zip(args.segments, args.rates):
-        for group in plan_branch(n, w, r, total_heads=args.heads, first_head=first_head, num_heads=num_heads, causal=args.causal):
-            for c in group.chunks(args.max_rows_x_heads):
-                shapes[(c.num_blocks, c.q_len, c.k_len, c.num_heads, c.causal)] += 1
-    return shapes
+def dense_block_shapes(n, args, segments, first_head, num_heads, total_heads) -> Counter:
+    """Kernel calls ours makes on one rank: (batch, q rows, k rows, q heads, kv heads, causal) -> count."""
+    dargs = DilatedArgs(tuple(segments), tuple(args.rates), 1.0 / math.sqrt(args.head_dim), first_head, total_heads, 1)
+    return Counter(
+        kernel_calls(n, dargs, num_heads, args.head_dim, args.causal, args.max_rows_x_heads, args.max_view_elements)
+    )
 
 
-def time_dense_blocks(env: Env, args, n, first_head, num_heads, dtype) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of ours' kernel calls on ready dense blocks."""
+def time_dense_blocks(env: Env, args, n, dtype, segments=None, first_head=0, num_heads=None) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of ours' kernel calls on ready dense blocks (this rank)."""
     fwd_total = fb_total = 0.0
-    for (batch, lq, lk, heads, causal), count in dense_block_shapes(n, args, first_head, num_heads).items():
+    segments = args.segments if segments is None else segments
+    num_heads = args.heads if num_heads is None else num_heads
+    shapes = dense_block_shapes(n, args, segments, first_head, num_heads, args.heads)
+    for (batch, lq, lk, heads, kv_heads, causal), count in shapes.items():
         g = torch.Generator(device=env.device).manual_seed(7)
-        mk = lambda rows: torch.randn(batch, rows, heads, args.head_dim, generator=g, device=env.device, dtype=dtype)  # noqa: E731
-        q, k, v, dout = mk(lq), mk(lk), mk(lk), mk(lq)
+        mk = lambda rows, h: torch.randn(batch, rows, h, args.head_dim, generator=g, device=env.device, dtype=dtype)  # noqa: E731
+        q, k, v, dout = mk(lq, heads), mk(lk, kv_heads), mk(lk, kv_heads), mk(lq, heads)
         kw = dict(causal=causal, backend=args.backend)
-        out, lse = L.attention_forward(q, k, v, **kw)
         fwd, _ = timed_median_ms(env, lambda: L.attention_forward(q, k, v, **kw), args.warmup, args.iters)
 
         def fwd_bwd():
@@ -344,7 +377,7 @@ def time_dense_blocks(env: Env, args, n, first_head, num_heads, dtype) -> tuple[
         fb, _ = timed_median_ms(env, fwd_bwd, args.warmup, args.iters)
         fwd_total += count * fwd
         fb_total += count * fb
-        del q, k, v, dout, out, lse
+        del q, k, v, dout
         free(env)
     return fwd_total, fb_total
 
@@ -480,22 +513,76 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def guarded(env: Env, row: Row, fn: Callable[[], None]) -> None:
-    """Run one measurement; OOM or an error becomes a note in the row, not a crash."""
+def failure_note(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return "OOM"
+    return f"error: {type(exc).__name__}: {text.splitlines()[0][:120] if text else ''}"
+
+
+def phase(env: Env, what: str, fn: Callable[[], None]) -> Optional[str]:
+    """Run ``fn`` on every rank; None when it worked on all of them, else one note that
+    every rank gets (the ranks agree through an all_gather, so none runs ahead into a
+    collective the others skip). ``fn`` must not issue collectives of its own besides the
+    attention under test (which the ranks enter together)."""
+    note = ""
     try:
         fn()
-    except torch.OutOfMemoryError:
-        row.note = "OOM"
-        env.log(f"  {row.impl} on {row.gpus}: out of memory")
-    except Exception as e:  # noqa: BLE001
-        row.note = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-        env.log(f"  {row.impl} on {row.gpus}: {row.note}")
+    except Exception as e:  # noqa: BLE001 - OOM and any error become the row's note
+        note = failure_note(e)
+        print(f"[rank {env.rank}] {what}: {note}", flush=True)
     free(env)
+    notes = [note]
+    if env.world > 1:
+        notes = [None] * env.world
+        dist.all_gather_object(notes, note)
+    bad = [(p, x) for p, x in enumerate(notes) if x]
+    if not bad:
+        return None
+    if len(bad) == env.world and len({x for _, x in bad}) == 1:
+        text = bad[0][1]
+    else:
+        text = "; ".join(f"rank {p}: {x}" for p, x in bad)
+    env.log(f"  {what}: {text}")
+    return text
 
 
-# ------------------------------------------------------------------------------------
-# Phases
-# ------------------------------------------------------------------------------------
+def combine(env: Env, values: list[float]) -> list[float]:
+    """Max over ranks of each value (the slowest rank, the fullest GPU); nan if any rank has nan."""
+    if env.world == 1:
+        return values
+    t = torch.tensor(
+        [[0.0 if v != v else v for v in values], [1.0 if v != v else 0.0 for v in values]],
+        dtype=torch.float64, device=env.device,
+    )
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [float("nan") if nan else v for v, nan in zip(t[0].tolist(), t[1].tolist())]
+
+
+def add_note(row: "Row", text: str) -> None:
+    row.note = f"{row.note}; {text}" if row.note else text
+
+
+def run_row(env: Env, row: "Row", flops_per_gpu: float, fn: Callable[[], None]) -> bool:
+    """Measure one row on every rank; on success the slowest rank's times and the fullest
+    GPU count, on failure (any rank) the row keeps only the note."""
+    fail = env.debug_fail
+    if fail is not None and (fail[0], fail[1], fail[2]) == (row.impl, row.gpus, env.rank):
+        real = fn
+
+        def fn():  # noqa: F811 - a test hook: the row runs, then this rank "runs out of memory"
+            real()
+            raise torch.OutOfMemoryError(f"injected by --debug-fail on rank {env.rank}")
+
+    failed = phase(env, f"{row.impl} on {row.gpus}", fn)
+    if failed is not None:
+        row.fwd_ms = row.fb_ms = row.peak = row.tflops = float("nan")
+        add_note(row, failed)
+        return False
+    row.fwd_ms, row.fb_ms, row.peak = combine(env, [row.fwd_ms, row.fb_ms, row.peak])
+    if row.fb_ms == row.fb_ms:
+        row.tflops = flops_per_gpu * 3.5 / (row.fb_ms / 1e3) / 1e12
+    return True
 
 
 def bar_for(dtype) -> float:
@@ -505,30 +592,48 @@ def bar_for(dtype) -> float:
 def correctness_check(env: Env, args, report: Report, dtype) -> None:
     n = args.check_seqlen
     env.log(f"check: ours vs float64 definition at n={n}")
-    q, k, v, dout = make_inputs(n, args.heads, args.head_dim, dtype, env.device, seed=99)
+    errs: dict[str, float] = {}
     segs, rates = args.segments, args.rates
-    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-    out = dilated_attention(qq, kk, vv, segs, rates, args.causal, backend=args.backend)
-    out.backward(dout)
-    ref = dilated_attention_reference_vjp(dout, q, k, v, segs, rates, args.causal)
-    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, qq.grad, kk.grad, vv.grad), ref):
-        report.check(f"n={n} {name} vs float64 definition", env.max(rel_err(a, r)), bar_for(dtype))
-    if env.world > 1 and args.heads >= env.world:
-        shard = ceil_div(n, env.world)
-        sl = slice(env.rank * shard, min(n, (env.rank + 1) * shard))
-        pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, shard * env.world - n))  # noqa: E731
-        qs, ks, vs = (pad(x)[:, env.rank * shard : (env.rank + 1) * shard].clone().requires_grad_() for x in (q, k, v))
-        outp = dilated_attention_parallel(qs, ks, vs, segs, rates, args.causal, seq_len=n, backend=args.backend)
-        outp.backward(pad(dout)[:, env.rank * shard : (env.rank + 1) * shard])
-        m = sl.stop - sl.start
-        for name, a, r in zip(("out", "dq"), (outp, qs.grad), ref):
-            report.check(f"n={n} {name} on {env.world} ranks vs float64 definition", env.max(rel_err(a[:, :m], r[:, sl])), bar_for(dtype))
-    del q, k, v, dout, out, ref
-    free(env)
+
+    def run():
+        q, k, v, dout = make_inputs(n, args.heads, args.head_dim, dtype, env.device, seed=99)
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out = dilated_attention(qq, kk, vv, segs, rates, args.causal, backend=args.backend)
+        out.backward(dout)
+        ref = dilated_attention_reference_vjp(dout, q, k, v, segs, rates, args.causal)
+        for name, a, r in zip(("out", "dq", "dk", "dv"), (out, qq.grad, kk.grad, vv.grad), ref):
+            errs[f"n={n} {name} vs float64 definition"] = rel_err(a, r)
+        if env.world > 1 and args.heads >= env.world:
+            shard = ceil_div(n, env.world)
+            sl = slice(env.rank * shard, min(n, (env.rank + 1) * shard))
+            pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, shard * env.world - n))  # noqa: E731
+            for mode in args.parallel_modes:
+                qs, ks, vs = (pad(x)[:, env.rank * shard : (env.rank + 1) * shard].clone().requires_grad_() for x in (q, k, v))
+                outp = dilated_attention_parallel(qs, ks, vs, segs, rates, args.causal, seq_len=n, backend=args.backend, mode=mode)
+                outp.backward(pad(dout)[:, env.rank * shard : (env.rank + 1) * shard])
+                m = sl.stop - sl.start
+                ran = parallel_mode(args.heads, args.heads, n, segs, shard, env.world, mode)
+                how = ran if mode in ("auto", ran) else f"{mode}: {ran}"
+                for name, a, r in zip(("out", "dq"), (outp, qs.grad), ref):
+                    errs[f"n={n} {name} on {env.world} ranks ({how}) vs float64 definition"] = rel_err(a[:, :m], r[:, sl])
+
+    failed = phase(env, "float64 check", run)
+    if failed is not None:
+        report.check(f"n={n} check ran ({failed})", float("inf"), 0.0)
+        return
+    for what in sorted(errs):  # same keys on every rank
+        report.check(what, env.max(errs[what]), bar_for(dtype))
 
 
 def sample_rows(n: int) -> torch.Tensor:
     return torch.arange(0, n, max(1, n // 2048))
+
+
+MODE_NOTE = {
+    "local": "shards independent: no communication",
+    "heads": "head-parallel all-to-all",
+    "sequence": "sequence-parallel, sparse K/V all-gather",
+}
 
 
 def run_seqlen(env: Env, args, report: Report, n: int, dtype) -> None:
@@ -536,12 +641,16 @@ def run_seqlen(env: Env, args, report: Report, n: int, dtype) -> None:
     flops = dilated_attention_flops(n, segs, rates, num_heads=H, head_dim=d, causal=args.causal)
     rows = sample_rows(n).to(env.device)
     single: dict[str, Row] = {}
-    samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    samples: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
     scale = 1.0 / math.sqrt(d)
+    inputs: dict[str, torch.Tensor] = {}
 
-    def measure(row: Row, fn, q, k, v, dout, iters, backward=True, flops_per_gpu=None):
-        fwd_ms, _ = timed_median_ms(env, lambda: _no_grad(fn, q, k, v), 1 if iters < args.iters else args.warmup, iters)
-        row.fwd_ms = fwd_ms
+    def measure(row: Row, fn, iters, backward=True):
+        q, k, v, dout = (inputs[x] for x in ("q", "k", "v", "dout"))
+        warm = 1 if iters < args.iters else args.warmup
+        for x in (q, k, v):
+            x.requires_grad_(False)
+        row.fwd_ms, _ = timed_median_ms(env, lambda: _no_grad(fn, q, k, v), warm, iters)
         if backward:
             for x in (q, k, v):
                 x.requires_grad_()
@@ -551,11 +660,10 @@ def run_seqlen(env: Env, args, report: Report, n: int, dtype) -> None:
                     x.grad = None
                 fn(q, k, v).backward(dout)
 
-            row.fb_ms, row.peak = timed_median_ms(env, step, 1 if iters < args.iters else args.warmup, iters)
-            row.tflops = (flops_per_gpu or flops / row.gpus) * 3.5 / (row.fb_ms / 1e3) / 1e12
-        return row
+            row.fb_ms, row.peak = timed_median_ms(env, step, warm, iters)
 
-    def keep_samples(name, q, fn, dout, k, v, local_rows=None, offset=0):
+    def keep_samples(name, fn, local_rows=None, offset=0):
+        q, k, v, dout = (inputs[x] for x in ("q", "k", "v", "dout"))
         for x in (q, k, v):
             x.grad = None
         out = fn(q, k, v)
@@ -567,22 +675,45 @@ def run_seqlen(env: Env, args, report: Report, n: int, dtype) -> None:
         for x in (q, k, v):
             x.grad = None
 
+    def compare(name_a, name_b, label, sel=None):
+        """Sampled-row checks, only when both samples exist on every rank (rows succeeded)."""
+        if name_a not in samples or name_b not in samples:
+            return
+        (o1, g1), (o2, g2) = samples[name_a], samples[name_b]
+        if sel is not None:
+            o2 = o2[:, sel]
+            g2 = g2[:, sel] if g2 is not None else None
+        report.check(f"n={n} {label}, sampled out rows", env.max(rel_err(o1, o2)), bar_for(dtype))
+        if g1 is not None and g2 is not None:
+            report.check(f"n={n} {label}, sampled dq rows", env.max(rel_err(g1, g2)), bar_for(dtype))
+
+    def drop_inputs():
+        inputs.clear()
+        free(env)
+
     # ---- 1 GPU (on every rank at once when P > 1) ----
     if env.world == 1 or not args.skip_single:
-        q, k, v, dout = make_inputs(n, H, d, dtype, env.device)
-        ours_fn = lambda a, b, c: dilated_attention(a, b, c, segs, rates, args.causal, backend=args.backend, max_rows_x_heads=args.max_rows_x_heads)  # noqa: E731
+        ours_fn = lambda a, b, c: dilated_attention(a, b, c, segs, rates, args.causal, backend=args.backend, max_rows_x_heads=args.max_rows_x_heads, max_view_elements=args.max_view_elements)  # noqa: E731
         row = Row(n, 1, "ours")
         env.log(f"n={n}: ours on 1")
-        guarded(env, row, lambda: (measure(row, ours_fn, q, k, v, dout, args.iters), keep_samples("ours1", q, ours_fn, dout, k, v)))
-        if not args.skip_dense and row.fb_ms == row.fb_ms:
-            env.log(f"n={n}: dense blocks on 1")
 
-            def dense():
-                _, fb = time_dense_blocks(env, args, n, 0, H, dtype)
+        def ours_single():
+            inputs.update(zip(("q", "k", "v", "dout"), make_inputs(n, H, d, dtype, env.device)))
+            measure(row, ours_fn, args.iters)
+            keep_samples("ours1", ours_fn)
+
+        if not run_row(env, row, flops, ours_single):
+            samples.pop("ours1", None)
+        elif not args.skip_dense:
+            env.log(f"n={n}: dense blocks on 1")
+            dense_fb: list[float] = []
+            failed = phase(env, "dense blocks on 1", lambda: dense_fb.append(time_dense_blocks(env, args, n, dtype)[1]))
+            if failed is None:
+                (fb,) = combine(env, dense_fb)
                 row.dense_tflops = flops * 3.5 / (fb / 1e3) / 1e12
                 row.share = fb / row.fb_ms
-
-            guarded(env, row, dense)
+            else:
+                add_note(row, f"dense blocks: {failed}")
         report.rows.append(row)
         single["ours"] = row
         report.write()
@@ -591,62 +722,93 @@ def run_seqlen(env: Env, args, report: Report, n: int, dtype) -> None:
             env.log(f"n={n}: flex on 1")
 
             def flex_single():
+                if not inputs:
+                    inputs.update(zip(("q", "k", "v", "dout"), make_inputs(n, H, d, dtype, env.device)))
                 flex = FLEX[args.flex_mode](n, segs, rates, H, 0, H, args.causal, env.device, scale)
                 if not flex.backward_ok:
                     frow.note = "forward only (no flex backward on CPU)"
-                    for x in (q, k, v):
-                        x.requires_grad_(False)
-                measure(frow, flex, q, k, v, dout, args.flex_iters, backward=flex.backward_ok)
-                keep_samples("flex1", q, flex, dout, k, v)
+                measure(frow, flex, args.flex_iters, backward=flex.backward_ok)  # leaves q.requires_grad
+                keep_samples("flex1", flex)  # with dq when flex has a backward
 
-            guarded(env, frow, flex_single)
+            if not run_row(env, frow, flops, flex_single):
+                samples.pop("flex1", None)
+            _reset_compiled()
             report.rows.append(frow)
             single["flex"] = frow
-            if "ours1" in samples and "flex1" in samples:
-                (o1, g1), (o2, g2) = samples["ours1"], samples["flex1"]
-                report.check(f"n={n} ours vs flex, sampled out rows", env.max(rel_err(o1, o2)), bar_for(dtype))
-                if g1 is not None and g2 is not None:
-                    report.check(f"n={n} ours vs flex, sampled dq rows", env.max(rel_err(g1, g2)), bar_for(dtype))
+            compare("ours1", "flex1", "ours vs flex")
+            samples.pop("flex1", None)
             report.write()
-        del q, k, v, dout
-        free(env)
+        drop_inputs()
 
-    # ---- P GPUs, head-parallel ----
+    # ---- P GPUs ----
     if env.world > 1:
         shard = ceil_div(n, env.world)
         lo, hi = env.rank * shard, min(n, (env.rank + 1) * shard)
-        full = make_inputs(n, H, d, dtype, env.device)
-        pad = shard * env.world - n
-        q, k, v, dout = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))[:, env.rank * shard : (env.rank + 1) * shard].clone() for x in full)
-        del full
-        free(env)
         my_rows = rows[(rows >= lo) & (rows < hi)]
-        par_fn = lambda a, b, c: dilated_attention_parallel(a, b, c, segs, rates, args.causal, seq_len=n, backend=args.backend, max_rows_x_heads=args.max_rows_x_heads)  # noqa: E731
-        row = Row(n, env.world, "ours")
-        env.log(f"n={n}: ours on {env.world}")
-        guarded(env, row, lambda: (measure(row, par_fn, q, k, v, dout, args.iters), keep_samples("oursP", q, par_fn, dout, k, v, my_rows, lo)))
-        per_rank_heads = H // env.world if H % env.world == 0 else None
-        if not args.skip_dense and row.fb_ms == row.fb_ms and per_rank_heads:
-            env.log(f"n={n}: dense blocks on {env.world}")
+        sel = ((rows >= lo) & (rows < hi))
 
-            def dense_par():
-                _, fb = time_dense_blocks(env, args, n, env.rank * per_rank_heads, per_rank_heads, dtype)
-                fb = env.max(fb)
-                row.dense_tflops = flops / env.world * 3.5 / (fb / 1e3) / 1e12
-                row.share = fb / row.fb_ms
+        def make_shards():
+            g = torch.Generator(device=env.device).manual_seed(1234)  # the 1-GPU inputs, sharded
+            pad = shard * env.world - n
+            for name in ("q", "k", "v", "dout"):
+                full = torch.randn(1, n, H, d, generator=g, device=env.device, dtype=dtype)
+                inputs[name] = torch.nn.functional.pad(full, (0, 0, 0, 0, 0, pad))[:, lo : lo + shard].clone()
+                del full
 
-            guarded(env, row, dense_par)
-        if "ours" in single and single["ours"].fb_ms == single["ours"].fb_ms:
-            row.speedup = single["ours"].fb_ms / row.fb_ms
-        report.rows.append(row)
-        if "ours1" in samples and "oursP" in samples:
-            o1, g1 = samples["ours1"]
-            sel = (rows >= lo) & (rows < hi)
-            report.check(f"n={n} {env.world} GPUs vs 1 GPU, sampled out rows", env.max(rel_err(samples["oursP"][0], o1[:, sel])), bar_for(dtype))
-            report.check(f"n={n} {env.world} GPUs vs 1 GPU, sampled dq rows", env.max(rel_err(samples["oursP"][1], g1[:, sel])), bar_for(dtype))
-        report.write()
-        if not args.skip_flex and per_rank_heads and n % env.world == 0:
-            frow = Row(n, env.world, FLEX_LABEL[args.flex_mode])
+        failed = phase(env, f"shard inputs on {env.world}", make_shards)
+        for mode in args.parallel_modes:
+            label = "ours" if mode == "auto" else f"ours ({mode})"
+            ran = parallel_mode(H, H, n, segs, shard, env.world, mode)
+            row = Row(n, env.world, label, note=MODE_NOTE[ran])
+            if failed is not None:
+                add_note(row, f"inputs: {failed}")
+                report.rows.append(row)
+                continue
+            par_fn = lambda a, b, c, mode=mode: dilated_attention_parallel(a, b, c, segs, rates, args.causal, seq_len=n, backend=args.backend, mode=mode, max_rows_x_heads=args.max_rows_x_heads, max_view_elements=args.max_view_elements)  # noqa: E731
+            env.log(f"n={n}: {label} on {env.world} ({ran})")
+            sent: dict[str, int] = {}
+
+            def ours_par():
+                measure(row, par_fn, args.iters)
+                reset_comm_counters()
+                keep_samples("oursP", par_fn, my_rows, lo)
+                sent.update(comm_counters())
+
+            if run_row(env, row, flops / env.world, ours_par):
+                calls = sum(v for key, v in sent.items() if key.endswith("_calls"))
+                gib = sum(v for key, v in sent.items() if key.endswith("_bytes")) / 2**30
+                add_note(row, f"{calls} collectives, {gib:.2f} GiB sent/rank per fwd+bwd")
+                dense_fb: list[float] = []
+                if not args.skip_dense and ran in ("local", "heads"):
+                    env.log(f"n={n}: dense blocks on {env.world} ({ran})")
+
+                    def dense_par():
+                        if ran == "local":
+                            local_segs = [effective_segment(w, n) for w in segs]
+                            dense_fb.append(time_dense_blocks(env, args, hi - lo, dtype, local_segs)[1])
+                        else:
+                            counts = [H // env.world + (p < H % env.world) for p in range(env.world)]
+                            first = sum(counts[: env.rank])
+                            dense_fb.append(time_dense_blocks(env, args, n, dtype, segs, first, counts[env.rank])[1])
+
+                    dfail = phase(env, f"dense blocks on {env.world}", dense_par)
+                    if dfail is None:
+                        (fb,) = combine(env, dense_fb)
+                        row.dense_tflops = flops / env.world * 3.5 / (fb / 1e3) / 1e12
+                        row.share = fb / row.fb_ms
+                    else:
+                        add_note(row, f"dense blocks: {dfail}")
+                if "ours" in single and single["ours"].fb_ms == single["ours"].fb_ms:
+                    row.speedup = single["ours"].fb_ms / row.fb_ms
+            else:
+                samples.pop("oursP", None)
+            report.rows.append(row)
+            compare("oursP", "ours1", f"{env.world} GPUs ({ran}) vs 1 GPU", sel)
+            samples.pop("oursP", None)
+            report.write()
+        if failed is None and not args.skip_flex and H % env.world == 0 and n % env.world == 0:
+            per_rank_heads = H // env.world
+            frow = Row(n, env.world, FLEX_LABEL[args.flex_mode], note="head-parallel all-to-all")
             env.log(f"n={n}: flex on {env.world}")
 
             def flex_par():
@@ -654,22 +816,28 @@ def run_seqlen(env: Env, args, report: Report, n: int, dtype) -> None:
                     n, segs, rates, H, env.rank * per_rank_heads, per_rank_heads, args.causal, env.device, scale
                 )
                 if not flex.backward_ok:
-                    frow.note = "forward only (no flex backward on CPU)"
-                    for x in (q, k, v):
-                        x.requires_grad_(False)
+                    add_note(frow, "forward only (no flex backward on CPU)")
 
                 def fn(a, b, c):
                     return heads_to_seq(flex(seq_to_heads(a), seq_to_heads(b), seq_to_heads(c)), None)
 
-                measure(frow, fn, q, k, v, dout, args.flex_iters, backward=flex.backward_ok)
+                measure(frow, fn, args.flex_iters, backward=flex.backward_ok)
 
-            guarded(env, frow, flex_par)
-            if "flex" in single and single["flex"].fb_ms == single["flex"].fb_ms:
-                frow.speedup = single["flex"].fb_ms / frow.fb_ms
+            if run_row(env, frow, flops / env.world, flex_par):
+                if "flex" in single and single["flex"].fb_ms == single["flex"].fb_ms:
+                    frow.speedup = single["flex"].fb_ms / frow.fb_ms
+            _reset_compiled()
             report.rows.append(frow)
             report.write()
-        del q, k, v, dout
-        free(env)
+        drop_inputs()
+
+
+def _reset_compiled() -> None:
+    """Drop compiled flex graphs (each n compiles anew anyway) and what they hold."""
+    try:
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _no_grad(fn, q, k, v):
@@ -680,6 +848,9 @@ def _no_grad(fn, q, k, v):
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = setup(args)
+    if args.debug_fail:
+        impl, gpus, rank = args.debug_fail.rsplit(",", 2)
+        env.debug_fail = (impl, int(gpus), int(rank))
     dtype = _DTYPES[args.dtype]
     report = Report(args, env)
     env.log(f"bench_dilated: {report.device_line()}")

@@ -10,8 +10,10 @@ Public entry points:
   benchmarks: Megatron's formula assumes dense attention).
 - :func:`dilated_attention_reference` — dense float64 reference (tests only).
 
-Implementation map: :mod:`.dilated_plan` (which rows/heads form each dense block),
-:mod:`.dilated_blocks` (gather, local kernel, LSE merge, scatter),
+Implementation map: :mod:`.dilated_strided` (gather-free blocks: strided views, in-place
+LSE merge), :mod:`.dilated_plan` (index plans: which rows/heads form each dense block,
+for GQA layouts the views cannot express and for the sequence-parallel fallback),
+:mod:`.dilated_blocks` (index gather, local kernel, LSE merge, scatter),
 :mod:`.dilated_local` (the autograd Function), :mod:`.dilated_comm` (all-to-all).
 """
 
@@ -58,6 +60,7 @@ def dilated_attention(
     backend: str = "auto",
     return_lse: bool = False,
     max_rows_x_heads: Optional[int] = DEFAULT_MAX_ROWS_X_HEADS,
+    max_view_elements: Optional[int] = None,
 ):
     """Dilated attention on ``[batch, seq, heads, head_dim]``; returns ``[b, n, H, d]``.
 
@@ -69,8 +72,10 @@ def dilated_attention(
     heads (GQA, ``H % H_kv == 0``). Gradients are exact (flow to q, k, v).
 
     With ``return_lse``: ``(out, lse [b, H, n] fp32)``; lse is not differentiable.
-    ``max_rows_x_heads`` bounds the query rows x heads of one kernel call (memory).
+    ``max_rows_x_heads`` bounds the query rows x heads of one kernel call on copied blocks
+    (memory); ``max_view_elements`` the q elements of one call made straight on the input
+    (rate-1 branches; default :data:`~.dilated_strided.DEFAULT_MAX_VIEW_ELEMENTS`).
     """
     args = check_dilated_args(q, k, v, segment_lengths, dilation_rates, softmax_scale, head_offset, total_heads)
-    out, lse = dilated_local(q, k, v, args, causal, backend, max_rows_x_heads)
+    out, lse = dilated_local(q, k, v, args, causal, backend, max_rows_x_heads, max_view_elements)
     return (out, lse) if return_lse else out

@@ -4,7 +4,12 @@ Input on rank p: the sequence shard ``[b, n_local, H, d]`` holding positions
 ``p*n_local .. (p+1)*n_local - 1`` (all ranks pass equal shards; when the true length
 ``seq_len`` is shorter than ``P*n_local`` the tail is padding, masked, never attended).
 
-- **Head-parallel** (``H >= P``): an all-to-all turns sequence shards into head shards
+- **Independent shards** (any ``H``; ``mode`` "auto" or "sequence"): when no segment of
+  any branch crosses a shard boundary (every ``min(w, n)`` divides the shard length) and
+  every rank holds real positions, each rank's output is the dilated attention of its
+  own shard alone: the local kernel runs on the shard, with no communication at all.
+  This is the common long-context case (``n / P`` a multiple of every segment length).
+- **Head-parallel** (``H >= P``, otherwise): an all-to-all turns sequence shards into head shards
   (rank p gets a contiguous, balanced run of heads; padded to equal splits when
   ``P`` does not divide ``H``), each rank runs the local dilated kernel over the whole
   sequence for its heads with their *global* indices, and a second all-to-all turns the
@@ -18,7 +23,7 @@ Input on rank p: the sequence shard ``[b, n_local, H, d]`` holding positions
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -44,13 +49,20 @@ from megatron_fapool.attention.dilated_plan import (
     PackedKeyLayout,
     branch_is_shard_local,
     ceil_div,
+    effective_segment,
     offset_classes,
     packed_rows_per_rank,
     packing_indices,
     plan_branch,
 )
 
-__all__ = ["balanced_head_counts", "dilated_attention_parallel", "shard_sequence"]
+__all__ = [
+    "balanced_head_counts",
+    "dilated_attention_parallel",
+    "parallel_mode",
+    "shard_sequence",
+    "shards_are_independent",
+]
 
 
 def shard_sequence(x: torch.Tensor, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
@@ -124,13 +136,15 @@ def dilated_attention_parallel(
     mode: str = "auto",
     check_shapes: bool = True,
     max_rows_x_heads: Optional[int] = DEFAULT_MAX_ROWS_X_HEADS,
+    max_view_elements: Optional[int] = None,
 ) -> torch.Tensor:
     """Dilated attention of the sequence sharded over ``group``; returns this rank's
     output shard ``[b, n_local, H, d]`` (zeros at padding positions).
 
-    ``mode``: ``"auto"`` (head-parallel when ``H >= P`` -- with GQA when q and k/v heads
-    are multiples of ``P`` --, else sequence-parallel),
-    ``"heads"`` or ``"sequence"``. ``head_offset`` / ``total_heads`` place the local heads
+    ``mode``: ``"auto"`` (independent shards when no segment crosses a shard boundary, else
+    head-parallel when ``H >= P`` -- with GQA when q and k/v heads are multiples of ``P``
+    --, else sequence-parallel), ``"heads"`` (always head-parallel) or ``"sequence"``
+    (independent shards when possible, else sequence-parallel); see :func:`parallel_mode`. ``head_offset`` / ``total_heads`` place the local heads
     in the global head numbering (e.g. under tensor parallelism). ``check_shapes`` runs
     one tiny all-gather to turn mismatched shards into a clear error instead of a hang.
     """
@@ -144,11 +158,53 @@ def dilated_attention_parallel(
         raise ValueError(f"mode must be 'auto', 'heads' or 'sequence', got {mode!r}")
     if check_shapes and world > 1:
         _check_equal_shards(q, k, group, n)
+    if mode != "heads" and shards_are_independent(n, args.segment_lengths, shard, world):
+        return _independent_shards(
+            q, k, v, args, causal, backend, dist.get_rank(group), n, max_rows_x_heads, max_view_elements
+        )
     if mode == "auto":
         mode = "heads" if _head_parallel_fits(q.shape[2], k.shape[2], world) else "sequence"
     if mode == "heads":
-        return _head_parallel(q, k, v, args, causal, backend, group, n, max_rows_x_heads)
+        return _head_parallel(q, k, v, args, causal, backend, group, n, max_rows_x_heads, max_view_elements)
     return _sequence_parallel(q, k, v, args, causal, backend, group, n, max_rows_x_heads)
+
+
+def shards_are_independent(seq_len: int, segment_lengths: Sequence[int], shard_len: int, world: int) -> bool:
+    """True when no segment of any branch crosses a shard boundary and every rank holds at
+    least one real position: then each rank's output is dilated attention of its own shard
+    alone, and no communication is needed at all (LongNet's local branches)."""
+    if world == 1:
+        return True
+    if (world - 1) * shard_len >= seq_len:
+        return False  # a rank holds only padding
+    return all(branch_is_shard_local(seq_len, w, shard_len, world) for w in segment_lengths)
+
+
+def parallel_mode(
+    q_heads: int, kv_heads: int, seq_len: int, segment_lengths: Sequence[int], shard_len: int, world: int,
+    mode: str = "auto",
+) -> str:
+    """What :func:`dilated_attention_parallel` runs: ``"local"`` (every shard on its own, no
+    communication), ``"heads"`` (all-to-all) or ``"sequence"`` (sparse K/V all-gather)."""
+    if mode != "heads" and shards_are_independent(seq_len, segment_lengths, shard_len, world):
+        return "local"
+    if mode == "auto":
+        return "heads" if _head_parallel_fits(q_heads, kv_heads, world) else "sequence"
+    return mode
+
+
+def _independent_shards(q, k, v, args: DilatedArgs, causal, backend, rank, n, max_rows, max_view) -> torch.Tensor:
+    """Each rank runs the local kernel on its own positions: segments start at multiples of
+    the global effective segment length, which the shard boundaries are, so the shard is a
+    sequence of its own with segment lengths ``min(w, n)`` (global ``n``)."""
+    shard = q.shape[1]
+    length = min(shard, n - rank * shard)
+    local_args = replace(args, segment_lengths=tuple(effective_segment(w, n) for w in args.segment_lengths))
+    if length == shard:
+        out, _ = dilated_local(q, k, v, local_args, causal, backend, max_rows, max_view)
+        return out
+    out, _ = dilated_local(q[:, :length], k[:, :length], v[:, :length], local_args, causal, backend, max_rows, max_view)
+    return F.pad(out, (0, 0, 0, 0, 0, shard - length))
 
 
 def _head_parallel_fits(q_heads: int, kv_heads: int, world: int) -> bool:
@@ -158,7 +214,7 @@ def _head_parallel_fits(q_heads: int, kv_heads: int, world: int) -> bool:
     return q_heads == kv_heads or (q_heads % world == 0 and kv_heads % world == 0)
 
 
-def _head_parallel(q, k, v, args: DilatedArgs, causal, backend, group, n, max_rows) -> torch.Tensor:
+def _head_parallel(q, k, v, args: DilatedArgs, causal, backend, group, n, max_rows, max_view=None) -> torch.Tensor:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     hq, hkv = q.shape[2], k.shape[2]
     if hq < world:
@@ -183,7 +239,7 @@ def _head_parallel(q, k, v, args: DilatedArgs, causal, backend, group, n, max_ro
         args.head_offset + sum(q_counts[:rank]), args.total_heads, args.kv_group,
     )
     out, _ = dilated_local(
-        qh[:, :n, :mine], kh[:, :n, :mine_kv], vh[:, :n, :mine_kv], local_args, causal, backend, max_rows
+        qh[:, :n, :mine], kh[:, :n, :mine_kv], vh[:, :n, :mine_kv], local_args, causal, backend, max_rows, max_view
     )
     out = F.pad(out, (0, 0, 0, slots - mine, 0, qh.shape[1] - n))
     return _unpad_heads(heads_to_seq(out, group), q_counts, slots)

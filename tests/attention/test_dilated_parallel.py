@@ -16,6 +16,7 @@ from megatron_fapool.attention.dilated import (
     reset_comm_counters,
     shard_sequence,
 )
+from megatron_fapool.attention.dilated_parallel import shards_are_independent
 from megatron_fapool.attention.dilated_plan import branch_is_shard_local, ceil_div
 from megatron_fapool.testing.distributed import run_distributed
 
@@ -34,6 +35,11 @@ CASES = {
     "seq-1000-H2-mixed": (1000, 2, 2, (50, 125, 400, 2000), (1, 2, 4, 8), True, "auto"),
     "seq-gqa-full": (600, 2, 1, (50, 150, 700), (1, 2, 4), False, "sequence"),
     "seq-all-local": (256, 1, 1, (32, 64, 128), (1, 2, 4), True, "auto"),
+    # Every segment inside a shard: each rank runs its own shard, no communication, also
+    # with heads >= ranks (auto); a padded last shard; GQA; and the same forced to heads.
+    "local-padded": (471, 4, 4, (59, 118, 236), (1, 2, 4), True, "auto"),
+    "local-gqa-full": (400, 4, 2, (50, 100, 200), (1, 2, 4), False, "auto"),
+    "local-forced-heads": (471, 4, 4, (59, 118, 236), (1, 2, 4), True, "heads"),
 }
 
 
@@ -73,10 +79,12 @@ def expected_comm(name, world):
     n, h, hkv, segs, rates, causal, mode = CASES[name]
     if world == 1:
         return {}
+    shard = ceil_div(n, world)
+    if mode != "heads" and shards_are_independent(n, segs, shard, world):
+        return {}
     heads_mode = mode != "sequence" and h >= world and (h == hkv or (h % world == 0 and hkv % world == 0))
     if heads_mode:
         return {"all_to_all_calls": 8}  # q, k, v, out forward; dout, dq, dk, dv backward
-    shard = ceil_div(n, world)
     remote = sum(not branch_is_shard_local(n, w, shard, world) for w in segs)
     if remote == 0:
         return {}
@@ -97,8 +105,11 @@ def single_process():
 
 WORLD_CASES = {
     1: ["heads-749-H5", "seq-gqa-full", "heads-gqa"],
-    2: ["heads-749-H5", "heads-1000-full", "heads-gqa", "seq-749-H1", "seq-gqa-full", "seq-all-local"],
-    4: ["heads-749-H5", "heads-6-over-4", "heads-gqa", "seq-1000-H2-mixed", "seq-gqa-full"],
+    2: [
+        "heads-749-H5", "heads-1000-full", "heads-gqa", "seq-749-H1", "seq-gqa-full", "seq-all-local",
+        "local-padded", "local-gqa-full", "local-forced-heads",
+    ],
+    4: ["heads-749-H5", "heads-6-over-4", "heads-gqa", "seq-1000-H2-mixed", "seq-gqa-full", "local-padded", "local-gqa-full"],
 }
 
 
