@@ -86,6 +86,7 @@ from megatron_fapool.attention.dilated_comm import (  # noqa: E402
     reset_comm_counters,
     seq_to_heads,
 )
+from megatron_fapool.attention.dilated_heads import head_chunks  # noqa: E402
 from megatron_fapool.attention.dilated_local import kernel_calls  # noqa: E402
 from megatron_fapool.attention.dilated_parallel import parallel_mode  # noqa: E402
 from megatron_fapool.attention.dilated_plan import ceil_div, effective_segment  # noqa: E402
@@ -116,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rows x heads of one kernel call on copied blocks (bounds temporaries)")
     p.add_argument("--max-view-elements", type=int, default=DEFAULT_MAX_VIEW_ELEMENTS,
                    help="q elements of one kernel call made on an uncopied (rate-1) view")
+    p.add_argument("--head-chunks", type=int, default=None,
+                   help="head-parallel: head chunks per rank pipelined against the all-to-alls (default: auto)")
     p.add_argument("--parallel-modes", type=lambda s: [m for m in s.split(",") if m], default=["auto"],
                    help="with P > 1: comma list of dilated_attention_parallel modes, one row each"
                    " (auto, heads, sequence)")
@@ -760,11 +763,13 @@ def run_seqlen(env: Env, args, report: Report, n: int, dtype) -> None:
             label = "ours" if mode == "auto" else f"ours ({mode})"
             ran = parallel_mode(H, H, n, segs, shard, env.world, mode)
             row = Row(n, env.world, label, note=MODE_NOTE[ran])
+            if ran == "heads":
+                add_note(row, f"{head_chunks(H, H, env.world, 1, n, d, args.head_chunks)} head chunk(s) per rank")
             if failed is not None:
                 add_note(row, f"inputs: {failed}")
                 report.rows.append(row)
                 continue
-            par_fn = lambda a, b, c, mode=mode: dilated_attention_parallel(a, b, c, segs, rates, args.causal, seq_len=n, backend=args.backend, mode=mode, max_rows_x_heads=args.max_rows_x_heads, max_view_elements=args.max_view_elements)  # noqa: E731
+            par_fn = lambda a, b, c, mode=mode: dilated_attention_parallel(a, b, c, segs, rates, args.causal, seq_len=n, backend=args.backend, mode=mode, max_rows_x_heads=args.max_rows_x_heads, max_view_elements=args.max_view_elements, head_chunks=args.head_chunks)  # noqa: E731
             env.log(f"n={n}: {label} on {env.world} ({ran})")
             sent: dict[str, int] = {}
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 __all__ = [
     "COMM_COUNTERS",
     "all_gather_stacked",
+    "all_to_all_async",
     "all_to_all_stacked",
     "comm_counters",
     "heads_to_seq",
@@ -52,6 +53,17 @@ def all_to_all_stacked(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> t
     _count("all_to_all", x)
     dist.all_to_all_single(out, x, group=group)
     return out
+
+
+def all_to_all_async(x: torch.Tensor, group: Optional[dist.ProcessGroup]):
+    """Start ``all_to_all_stacked``; returns ``(out, work)``: ``out`` is valid (on the
+    current stream) after ``work.wait()``. ``x`` must be contiguous and stay alive until then."""
+    if not x.is_contiguous():
+        raise ValueError("all_to_all_async needs a contiguous send buffer")
+    out = torch.empty_like(x)
+    _count("all_to_all", x)
+    work = dist.all_to_all_single(out, x, group=group, async_op=True)
+    return out, work
 
 
 def all_gather_stacked(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:

@@ -241,6 +241,14 @@ class DilatedLocalFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def make_opts(
+    args: DilatedArgs, causal: bool, backend: str, max_rows_x_heads: Optional[int], max_view_elements: Optional[int]
+) -> _Opts:
+    if max_view_elements is None:
+        max_view_elements = S.DEFAULT_MAX_VIEW_ELEMENTS
+    return _Opts(bool(causal), args.softmax_scale, backend, args.kv_group, max_rows_x_heads, max_view_elements)
+
+
 def dilated_local(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -253,9 +261,7 @@ def dilated_local(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked args in, (out, lse) out; the sequence is q.shape[1] long."""
     plans = plan_all_branches(q.shape[1], args, q.shape[2], causal, q.device)
-    if max_view_elements is None:
-        max_view_elements = S.DEFAULT_MAX_VIEW_ELEMENTS
-    opts = _Opts(bool(causal), args.softmax_scale, backend, args.kv_group, max_rows_x_heads, max_view_elements)
+    opts = make_opts(args, causal, backend, max_rows_x_heads, max_view_elements)
     return DilatedLocalFunction.apply(q, k, v, plans, opts)
 
 

@@ -37,12 +37,8 @@ from megatron_fapool.attention.dilated_blocks import (
     blocks_backward_,
     blocks_forward_,
 )
-from megatron_fapool.attention.dilated_comm import (
-    all_gather_stacked,
-    heads_to_seq,
-    reduce_scatter_stacked,
-    seq_to_heads,
-)
+from megatron_fapool.attention.dilated_comm import all_gather_stacked, reduce_scatter_stacked
+from megatron_fapool.attention.dilated_heads import balanced_head_counts, head_parallel
 from megatron_fapool.attention.dilated_local import dilated_local, new_accumulators
 from megatron_fapool.attention.dilated_plan import (
     BlockGroup,
@@ -75,31 +71,6 @@ def shard_sequence(x: torch.Tensor, rank: int, world_size: int, dim: int = 1) ->
         spec = [0, 0] * (x.dim() - 1 - dim) + [0, pad]
         x = F.pad(x, spec)
     return x.narrow(dim, rank * per_rank, per_rank)
-
-
-def balanced_head_counts(num_heads: int, world_size: int) -> list[int]:
-    """Contiguous head runs per rank, sizes differing by at most one (first ranks larger)."""
-    base, extra = divmod(num_heads, world_size)
-    return [base + (p < extra) for p in range(world_size)]
-
-
-def _pad_heads(x: torch.Tensor, counts: Sequence[int], slots: int) -> torch.Tensor:
-    """[b, s, H, d] -> [b, s, P*slots, d]: rank p's run of heads, zero-padded to ``slots``."""
-    if all(c == slots for c in counts):
-        return x
-    pieces, start = [], 0
-    for c in counts:
-        pieces.append(x[:, :, start : start + c])
-        if slots > c:
-            pieces.append(x.new_zeros(x.shape[0], x.shape[1], slots - c, x.shape[3]))
-        start += c
-    return torch.cat(pieces, dim=2)
-
-
-def _unpad_heads(y: torch.Tensor, counts: Sequence[int], slots: int) -> torch.Tensor:
-    if all(c == slots for c in counts):
-        return y
-    return torch.cat([y[:, :, p * slots : p * slots + c] for p, c in enumerate(counts)], dim=2)
 
 
 def _check_equal_shards(q: torch.Tensor, k: torch.Tensor, group, seq_len: int) -> None:
@@ -137,6 +108,7 @@ def dilated_attention_parallel(
     check_shapes: bool = True,
     max_rows_x_heads: Optional[int] = DEFAULT_MAX_ROWS_X_HEADS,
     max_view_elements: Optional[int] = None,
+    head_chunks: Optional[int] = None,
 ) -> torch.Tensor:
     """Dilated attention of the sequence sharded over ``group``; returns this rank's
     output shard ``[b, n_local, H, d]`` (zeros at padding positions).
@@ -147,6 +119,9 @@ def dilated_attention_parallel(
     (independent shards when possible, else sequence-parallel); see :func:`parallel_mode`. ``head_offset`` / ``total_heads`` place the local heads
     in the global head numbering (e.g. under tensor parallelism). ``check_shapes`` runs
     one tiny all-gather to turn mismatched shards into a clear error instead of a hang.
+    ``head_chunks``: head-parallel pipelines each rank's heads in this many chunks
+    (communication of one overlaps computation of another); default
+    :func:`~.dilated_heads.head_chunks`.
     """
     args = check_dilated_args(q, k, v, segment_lengths, dilation_rates, softmax_scale, head_offset, total_heads)
     world = dist.get_world_size(group)
@@ -165,7 +140,9 @@ def dilated_attention_parallel(
     if mode == "auto":
         mode = "heads" if _head_parallel_fits(q.shape[2], k.shape[2], world) else "sequence"
     if mode == "heads":
-        return _head_parallel(q, k, v, args, causal, backend, group, n, max_rows_x_heads, max_view_elements)
+        return _head_parallel(
+            q, k, v, args, causal, backend, group, n, max_rows_x_heads, max_view_elements, head_chunks
+        )
     return _sequence_parallel(q, k, v, args, causal, backend, group, n, max_rows_x_heads)
 
 
@@ -214,8 +191,10 @@ def _head_parallel_fits(q_heads: int, kv_heads: int, world: int) -> bool:
     return q_heads == kv_heads or (q_heads % world == 0 and kv_heads % world == 0)
 
 
-def _head_parallel(q, k, v, args: DilatedArgs, causal, backend, group, n, max_rows, max_view=None) -> torch.Tensor:
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+def _head_parallel(
+    q, k, v, args: DilatedArgs, causal, backend, group, n, max_rows, max_view=None, chunks=None
+) -> torch.Tensor:
+    world = dist.get_world_size(group)
     hq, hkv = q.shape[2], k.shape[2]
     if hq < world:
         raise ValueError(
@@ -227,22 +206,7 @@ def _head_parallel(q, k, v, args: DilatedArgs, causal, backend, group, n, max_ro
             f"head-parallel GQA needs q heads ({hq}) and k/v heads ({hkv}) divisible by the group"
             f" size ({world}); use mode='sequence' or repeat k/v to {hq} heads"
         )
-    q_counts = balanced_head_counts(hq, world)
-    kv_counts = balanced_head_counts(hkv, world)
-    slots, kv_slots = ceil_div(hq, world), ceil_div(hkv, world)
-    qh = seq_to_heads(_pad_heads(q, q_counts, slots), group)
-    kh = seq_to_heads(_pad_heads(k, kv_counts, kv_slots), group)
-    vh = seq_to_heads(_pad_heads(v, kv_counts, kv_slots), group)
-    mine, mine_kv = q_counts[rank], kv_counts[rank]
-    local_args = DilatedArgs(
-        args.segment_lengths, args.dilation_rates, args.softmax_scale,
-        args.head_offset + sum(q_counts[:rank]), args.total_heads, args.kv_group,
-    )
-    out, _ = dilated_local(
-        qh[:, :n, :mine], kh[:, :n, :mine_kv], vh[:, :n, :mine_kv], local_args, causal, backend, max_rows, max_view
-    )
-    out = F.pad(out, (0, 0, 0, slots - mine, 0, qh.shape[1] - n))
-    return _unpad_heads(heads_to_seq(out, group), q_counts, slots)
+    return head_parallel(q, k, v, args, causal, backend, group, n, max_rows, max_view, chunks)
 
 
 @dataclass(frozen=True)

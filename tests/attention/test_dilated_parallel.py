@@ -40,6 +40,9 @@ CASES = {
     "local-padded": (471, 4, 4, (59, 118, 236), (1, 2, 4), True, "auto"),
     "local-gqa-full": (400, 4, 2, (50, 100, 200), (1, 2, 4), False, "auto"),
     "local-forced-heads": (471, 4, 4, (59, 118, 236), (1, 2, 4), True, "heads"),
+    # Head-parallel pipelined in 2 head chunks per rank (the exchange of one chunk overlaps
+    # the computation of the other): 8 heads on 2 ranks, 4 kv heads (GQA), padded rows.
+    "heads-chunked": (749, 8, 4, (64, 200, 1000), (1, 2, 4), True, "heads:2"),
 }
 
 
@@ -60,7 +63,8 @@ def _run_cases(rank, world, names):
         q, k, v, do = inputs(name)
         qs, ks, vs = (shard_sequence(x, rank, world).requires_grad_() for x in (q, k, v))
         reset_comm_counters()
-        out = dilated_attention_parallel(qs, ks, vs, segs, rates, causal, seq_len=n, mode=mode)
+        mode, chunks = (mode.split(":")[0], int(mode.split(":")[1])) if ":" in mode else (mode, None)
+        out = dilated_attention_parallel(qs, ks, vs, segs, rates, causal, seq_len=n, mode=mode, head_chunks=chunks)
         out.backward(shard_sequence(do, rank, world))
         results[name] = tuple(t.detach().numpy() for t in (out, qs.grad, ks.grad, vs.grad)) + (comm_counters(),)
     return results
@@ -77,6 +81,8 @@ def _mismatched_shards(rank, world):
 
 def expected_comm(name, world):
     n, h, hkv, segs, rates, causal, mode = CASES[name]
+    chunks = int(mode.split(":")[1]) if ":" in mode else 1
+    mode = mode.split(":")[0]
     if world == 1:
         return {}
     shard = ceil_div(n, world)
@@ -84,7 +90,7 @@ def expected_comm(name, world):
         return {}
     heads_mode = mode != "sequence" and h >= world and (h == hkv or (h % world == 0 and hkv % world == 0))
     if heads_mode:
-        return {"all_to_all_calls": 8}  # q, k, v, out forward; dout, dq, dk, dv backward
+        return {"all_to_all_calls": 8 * chunks}  # q, k, v, out forward; dout, dq, dk, dv backward
     remote = sum(not branch_is_shard_local(n, w, shard, world) for w in segs)
     if remote == 0:
         return {}
@@ -107,9 +113,12 @@ WORLD_CASES = {
     1: ["heads-749-H5", "seq-gqa-full", "heads-gqa"],
     2: [
         "heads-749-H5", "heads-1000-full", "heads-gqa", "seq-749-H1", "seq-gqa-full", "seq-all-local",
-        "local-padded", "local-gqa-full", "local-forced-heads",
+        "local-padded", "local-gqa-full", "local-forced-heads", "heads-chunked",
     ],
-    4: ["heads-749-H5", "heads-6-over-4", "heads-gqa", "seq-1000-H2-mixed", "seq-gqa-full", "local-padded", "local-gqa-full"],
+    4: [
+        "heads-749-H5", "heads-6-over-4", "heads-gqa", "seq-1000-H2-mixed", "seq-gqa-full", "local-padded",
+        "local-gqa-full",
+    ],
 }
 
 
