@@ -791,10 +791,15 @@ def run_seqlen(env: Env, args, report: Report, n: int, dtype) -> None:
                         if ran == "local":
                             local_segs = [effective_segment(w, n) for w in segs]
                             dense_fb.append(time_dense_blocks(env, args, hi - lo, dtype, local_segs)[1])
-                        else:
+                        else:  # the calls of each head chunk of this rank's run of heads
                             counts = [H // env.world + (p < H % env.world) for p in range(env.world)]
-                            first = sum(counts[: env.rank])
-                            dense_fb.append(time_dense_blocks(env, args, n, dtype, segs, first, counts[env.rank])[1])
+                            first, mine = sum(counts[: env.rank]), counts[env.rank]
+                            chunks = head_chunks(H, H, env.world, 1, n, d, args.head_chunks)
+                            per = ceil_div(H, env.world) // chunks
+                            dense_fb.append(sum(
+                                time_dense_blocks(env, args, n, dtype, segs, first + c * per, min(per, mine - c * per))[1]
+                                for c in range(chunks)
+                            ))
 
                     dfail = phase(env, f"dense blocks on {env.world}", dense_par)
                     if dfail is None:

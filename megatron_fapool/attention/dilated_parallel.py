@@ -9,11 +9,12 @@ Input on rank p: the sequence shard ``[b, n_local, H, d]`` holding positions
   every rank holds real positions, each rank's output is the dilated attention of its
   own shard alone: the local kernel runs on the shard, with no communication at all.
   This is the common long-context case (``n / P`` a multiple of every segment length).
-- **Head-parallel** (``H >= P``, otherwise): an all-to-all turns sequence shards into head shards
-  (rank p gets a contiguous, balanced run of heads; padded to equal splits when
-  ``P`` does not divide ``H``), each rank runs the local dilated kernel over the whole
-  sequence for its heads with their *global* indices, and a second all-to-all turns the
-  output back. Backward is the same in reverse (autograd through the all-to-alls).
+- **Head-parallel** (``H >= P``, otherwise): an all-to-all turns sequence shards into
+  head shards (rank p gets a contiguous, balanced run of heads; padded to equal splits
+  when ``P`` does not divide ``H``), each rank runs the local dilated kernel over the
+  whole sequence for its heads with their *global* indices, and a second all-to-all
+  turns the output back; backward the same in reverse. The exchange is pipelined over
+  chunks of each rank's heads so that it overlaps the kernel (:mod:`.dilated_heads`).
 - **Sequence-parallel** (``H < P``, LongNet's scheme): a branch whose segments never
   cross a shard boundary needs no communication; any other branch all-gathers only
   the sparsified K/V (for each head, the rows ``l ≡ s (mod r)``), and its backward
