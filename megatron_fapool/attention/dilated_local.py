@@ -130,7 +130,8 @@ def _forward(q, k, v, plans: Plans, o: _Opts) -> tuple[torch.Tensor, torch.Tenso
             lse_v = S.lse_from_blocks(lse_b, b, chunk.classes)
             if len(chunks) == 1 and _whole(chunk, q):
                 acc_out = out_b.view(b, n, heads, d)
-                acc_lse = lse_v.reshape(b, n, heads)
+                # later branches merge into strided views of the accumulators: keep them contiguous
+                acc_lse = lse_v.reshape(b, n, heads).contiguous()
                 break
             if acc_out is None:
                 acc_out = torch.empty_like(q)
