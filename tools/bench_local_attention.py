@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import math
 import os
 import platform
 import statistics
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_fapool import _optional  # noqa: E402
 from megatron_fapool.attention import local as L  # noqa: E402
+from megatron_fapool.testing.timing import elapsed_ms  # noqa: E402
 
 _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -117,17 +117,7 @@ def time_fn(fn, device: torch.device, warmup: int, reps: int, budget_s: float) -
     n = max(1, min(reps, int(budget_s / max(first, 1e-6))))
     times = []
     for _ in range(n):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+        times.append(elapsed_ms(fn, device))
     return statistics.median(times), n
 
 

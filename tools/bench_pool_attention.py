@@ -77,6 +77,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_fapool.attention import local as L  # noqa: E402
+from megatron_fapool.testing.timing import elapsed_ms  # noqa: E402
 from megatron_fapool.attention.pool import PooledAttention, PoolClient, PoolServer, PoolStats  # noqa: E402
 from megatron_fapool.parallel import compute_layout, initialize_parallel_groups  # noqa: E402
 
@@ -202,18 +203,7 @@ def time_fn(fn: Callable, *, reps: int, warmup: int, device: torch.device, group
         if group is not None:
             dist.barrier(group=group)
         sync(device)
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(elapsed_ms(fn, device))
     if group is not None:
         t = torch.tensor(times, dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)

@@ -97,6 +97,30 @@ class PoolClient:
     def _drop_before(self) -> int:
         return min(self._live) if self._live else self._next_id
 
+    def open_call(self, save: bool) -> int:
+        """A new call id; with ``save``, the pool keeps the call's state until its backward."""
+        call_id = self._next_id
+        self._next_id += 1
+        if save:
+            self._live.add(call_id)
+        return call_id
+
+    def close_call(self, call_id: int) -> None:
+        """The call's state may be freed on the pool (sent with the next header)."""
+        self._live.discard(call_id)
+
+    def gather_chunks(self, buf, plan: ZigzagPlan, group, own_spans, own_chunks, like):
+        """Gather every member's ``[2L, ...]`` result into ``like``-shaped rows in sequence order."""
+        gathered = torch.empty_like(buf)
+        mine = torch.empty_like(buf[0])
+        dist.gather(mine, list(gathered.unbind(0)), dst=self.rank, group=group)
+        self.stats.bytes_received += _nbytes(gathered) - _nbytes(mine)
+        out = torch.empty_like(like)
+        unpack_member_chunks(gathered, plan, out, members=range(1, plan.members))
+        for (lo, hi), chunk in zip(own_spans, own_chunks):
+            out[lo:hi] = chunk
+        return out
+
     def shutdown(self, device) -> None:
         """Tell every pool rank of this base rank to leave its serving loop."""
         if self.control_group is not None:
@@ -116,10 +140,7 @@ class PoolClient:
         members = active + 1
         plan = zigzag_plan(n, members, causal)
         group = self.groups.attention_group(self.rank, active)
-        call_id = self._next_id
-        self._next_id += 1
-        if save:
-            self._live.add(call_id)
+        call_id = self.open_call(save)
         header = Header(
             op=Op.FORWARD, call_id=call_id, drop_before=self._drop_before(), n=n, batch=b, heads=h,
             kv_heads=hk, head_dim=d, dtype=DTYPES.index(q.dtype), causal=int(causal), members=members,
@@ -148,14 +169,7 @@ class PoolClient:
         for w in works:
             w.wait()
         # 4. gather outputs
-        obuf = torch.empty_like(qbuf)
-        mine = torch.empty_like(qbuf[0])
-        dist.gather(mine, list(obuf.unbind(0)), dst=self.rank, group=group)
-        self.stats.bytes_received += _nbytes(obuf) - _nbytes(mine)
-        out = torch.empty_like(q)
-        unpack_member_chunks(obuf, plan, out, members=range(1, members))
-        for (lo, hi), o in zip(spans, outs):
-            out[lo:hi] = o
+        out = self.gather_chunks(qbuf, plan, group, spans, outs, like=q)
         self.stats.pooled_forward += 1
         return out, lses, plan, call_id
 
@@ -167,14 +181,14 @@ class PoolClient:
         )
 
     def _backward(self, dout, q, k, v, out, lses, *, plan: ZigzagPlan, call_id: int, softmax_scale: float):
-        n, b, h, d = q.shape
+        n = q.shape[0]
         members = plan.members
         group = self.groups.attention_group(self.rank, members - 1)
         # this call's state stays live on the pool until its backward header has been read
         self._send_header(
             Header(op=Op.BACKWARD, call_id=call_id, drop_before=self._drop_before(), members=members), q.device
         )
-        self._live.discard(call_id)
+        self.close_call(call_id)
         dbuf = pack_member_chunks(dout.contiguous(), plan)
         my_d = torch.empty_like(dbuf[0])
         work = dist.scatter(my_d, list(dbuf.unbind(0)), src=self.rank, group=group, async_op=True)
@@ -188,22 +202,14 @@ class PoolClient:
         )
         work.wait()
         e_max = plan.pool_kv_prefix
-        # partial sums travel in the input dtype (bf16 on GPU: half the bytes of fp32); each
-        # member accumulated its own blocks in fp32, so one rounding per member
+        # partial sums travel in the input dtype (bf16 on GPU: half the bytes of fp32)
         dkv = torch.stack((dk[:e_max], dv[:e_max]), dim=1).to(k.dtype)  # [e, 2, b, hk, d]
         dist.reduce(dkv, dst=self.rank, op=dist.ReduceOp.SUM, group=group)
         self.stats.bytes_received += _nbytes(dkv) * (members - 1)
         dk[:e_max], dv[:e_max] = dkv[:, 0], dkv[:, 1]
-        gbuf = torch.empty_like(dbuf)
-        mine = torch.empty_like(dbuf[0])
-        dist.gather(mine, list(gbuf.unbind(0)), dst=self.rank, group=group)
-        self.stats.bytes_received += _nbytes(gbuf) - _nbytes(mine)
-        dq = torch.empty_like(q)
-        unpack_member_chunks(gbuf, plan, dq, members=range(1, members))
-        for (lo, hi), g in zip(spans, dqs):
-            dq[lo:hi] = g
+        dq = self.gather_chunks(dbuf, plan, group, spans, dqs, like=q)
         self.stats.pooled_backward += 1
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
+        return dq, dk, dv  # chunks_backward accumulates in the input dtype
 
 
 class _CallToken:
@@ -223,7 +229,7 @@ class PooledAttention(torch.autograd.Function):
         ctx.client, ctx.plan, ctx.call_id, ctx.softmax_scale = client, plan, call_id, softmax_scale
         # if autograd drops this graph without a backward, let the pool free the state
         ctx.token = _CallToken()
-        weakref.finalize(ctx.token, client._live.discard, call_id)
+        weakref.finalize(ctx.token, client.close_call, call_id)
         return out
 
     @staticmethod

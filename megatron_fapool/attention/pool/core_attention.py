@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ..core_attention import LocalCoreAttention
 from .client import PoolClient, PooledAttention

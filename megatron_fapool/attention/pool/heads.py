@@ -220,10 +220,7 @@ def _heads_forward(client, q, k, v, *, active, br: _Branches, head_offset, total
     members = active + 1
     split = head_split(h, hk, members)
     group = client.groups.attention_group(client.rank, active)
-    call_id = client._next_id
-    client._next_id += 1
-    if save:
-        client._live.add(call_id)
+    call_id = client.open_call(save)
     params = _params_tensor(head_offset, total_heads, br.segment_lengths, br.dilation_rates, q.device)
     header = Header(
         op=Op.HEADS_FORWARD, call_id=call_id, drop_before=client._drop_before(), n=n, batch=b, heads=h,
@@ -280,7 +277,7 @@ def _heads_backward(client, dout, state: _BaseState):
         Header(op=Op.HEADS_BACKWARD, call_id=state.call_id, drop_before=client._drop_before(), members=members),
         dout.device,
     )
-    client._live.discard(state.call_id)
+    client.close_call(state.call_id)
     # 1. dO of each member's heads
     olen = max(split.out_payload(m, b, n, d) for m in range(members))
     dbuf = torch.empty((members, olen), dtype=dout.dtype, device=dout.device)
@@ -333,7 +330,7 @@ class PooledHeadsAttention(torch.autograd.Function):
         )
         ctx.client, ctx.state = client, state
         ctx.token = _CallToken()
-        weakref.finalize(ctx.token, client._live.discard, state.call_id)
+        weakref.finalize(ctx.token, client.close_call, state.call_id)
         return out
 
     @staticmethod
