@@ -149,14 +149,23 @@ def _precision(ds: dict, source: str) -> str:
     return enabled[0] if enabled else "fp32"
 
 
-def load_run_config(json_path: str) -> RunConfig:
-    """Read and validate the DeepSpeed JSON at ``json_path`` and its model YAML."""
+def load_run_config(json_path: str, *, model_yaml: str | None = None) -> RunConfig:
+    """Read and validate the DeepSpeed JSON at ``json_path`` and its model YAML.
+
+    ``model_yaml`` (a ``--yaml-cfg`` path, relative to the working directory) replaces
+    the JSON's ``fapool.model_yaml``.
+    """
     ds = load_deepspeed_json(json_path)
     if "fapool" not in ds:
         raise ConfigError("fapool", "section missing: add a top-level \"fapool\" object (see configs/)", source=json_path)
     fapool = parse_fapool(ds.pop("fapool"), source=json_path)
     here = os.path.dirname(os.path.abspath(json_path))
-    yaml_path = _relative_to(here, fapool.model_yaml)
+    if model_yaml is not None:
+        if not os.path.isfile(model_yaml):
+            raise ConfigError("--yaml-cfg", f"file not found: {model_yaml}")
+        yaml_path = os.path.abspath(model_yaml)
+    else:
+        yaml_path = _relative_to(here, fapool.model_yaml)
     pool = fapool.attention_pool
     if pool.calibration_file:
         from ..attention.pool.manager import load_calibration

@@ -1,5 +1,6 @@
 """Create every process group a layout can use, once, at start-up (DESIGN.md §1).
 
+0. The group of all base ranks (DeepSpeed's world, see ``training/deepspeed_world.py``).
 1. Megatron's own groups for the base ranks, made by Megatron's
    ``initialize_model_parallel`` over the base ranks ``[0, num_base)`` only (the
    world also holds pool and expert ranks, which Megatron must not count as data
@@ -34,6 +35,7 @@ class ParallelGroups:
     layout: Layout
     rank: int
     attention: dict[tuple[int, ...], dist.ProcessGroup] = field(default_factory=dict)
+    base: dist.ProcessGroup | None = None  # all base ranks (the world when there are no others)
     expert: dist.ProcessGroup | None = None
     dispatch: dist.ProcessGroup | None = None
 
@@ -98,6 +100,11 @@ def initialize_parallel_groups(layout: Layout, *, timeout_s: float = 600.0) -> P
         )
 
     groups = ParallelGroups(layout=layout, rank=rank)
+    if layout.num_base == world:
+        groups.base = dist.group.WORLD
+    else:
+        base = dist.new_group(list(range(layout.num_base)), timeout=timeout)
+        groups.base = base if rank < layout.num_base else None
     for members in layout.attention_groups():
         pg = dist.new_group(list(members), timeout=timeout)
         if rank in members:

@@ -120,6 +120,16 @@ class PoolResourceManager:
             hysteresis=pool_cfg.hysteresis, cost_model=cost, stats=stats,
         )
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to make the same decisions (hysteresis in flight)."""
+        return {"current": self.current, "pending": self._pending, "step": self._step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current = int(state["current"])
+        self._pending = tuple(state["pending"]) if state["pending"] is not None else None
+        self._step = int(state["step"])
+        self._cache.clear()
+
     def new_step(self) -> None:
         """Call once per training / inference step: decisions are re-made per step."""
         self._step += 1
