@@ -18,9 +18,19 @@ $(STAMP): setup.py requirements.txt
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/torchrun --nproc_per_node 4 --master_port 29517 launch/demo.py \
-		--deepspeed_config configs/tiny_dense_pool.json
+# The demo corpus: the Python installation's own standard library sources (real text, on every machine).
+DATA := runs/data/pystdlib
+$(DATA).bin: | $(STAMP)
+	$(PY) tools/preprocess_data.py --output-prefix $(DATA) --max-files 400 \
+		--input "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"
+
+# deepspeed launcher, 4 CPU ranks: 2 base (TP 2) + 2 pool; a fresh run each time (runs/demo is replaced).
+demo: $(STAMP) $(DATA).bin
+	rm -rf runs/demo
+	$(VENV)/bin/deepspeed --num_gpus 4 --master_port 29517 launch/train.py \
+		--deepspeed_config configs/tiny_dense_pool.json --data-path $(DATA) \
+		--train-iters 150 --log-interval 10 --save runs/demo/checkpoints --save-interval 50 \
+		--metrics-file runs/demo/metrics.jsonl
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
 #   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
-# Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench pool-test
+# Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench
 # `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
 # (megatron-core, deepspeed, pydantic) for an image that lacks them.
 set -uo pipefail
@@ -34,6 +34,15 @@ for s in "$@"; do
     dilated-bench)
       stage dilated-bench
       timeout 480 torchrun --nproc_per_node 2 tools/bench_dilated.py --markdown "$OUT/bench_dilated.md" 2>&1 | tee "$OUT/dilated_bench.log" | grep -v -i warn | tail -60 || rc=1 ;;
+    corpus)
+      stage corpus
+      $PY tools/preprocess_data.py --output-prefix runs/data/pystdlib --max-files 400 \
+        --input "$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" 2>&1 | grep -v -i warn | tail -12 || rc=1 ;;
+    train-bench)
+      stage train-bench
+      timeout 590 $PY tools/bench_training.py --deepspeed_config configs/paper_dense_pool.json \
+        --data-path runs/data/pystdlib --seq-lengths ${TRAIN_SEQS:-16384 65536} --train-iters ${TRAIN_ITERS:-5} --warmup 2 \
+        --timeout 240 --markdown "$OUT/bench_training.md" --log-dir "$OUT/train_logs" 2>&1 | tee "$OUT/train_bench.log" || rc=1 ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
 done

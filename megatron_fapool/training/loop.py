@@ -37,6 +37,18 @@ def _masked_mean(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _reported_loss(per_token_loss: torch.Tensor, mask: torch.Tensor) -> float:
+    """The logged loss: summed in float64, rounded to float32.
+
+    A float32 sum's last bit depends on how the vectorised reduction meets the
+    buffer's memory alignment, which differs between processes; this value does not,
+    so a resumed run logs exactly the losses of an uninterrupted one.
+    """
+    mask = mask.to(per_token_loss.device, torch.float64)
+    mean = (per_token_loss.detach().double() * mask).sum() / mask.sum().clamp(min=1.0)
+    return float(mean.float())
+
+
 def _build_model(run_config, groups, args, device):
     from megatron.core import tensor_parallel
 
@@ -149,7 +161,7 @@ def _train_step(engine, data, pool, run_config, device, iteration: int, gas: int
         loss = _masked_mean(per_token, batch.loss_mask)
         engine.backward(loss)
         engine.step()
-        stats.loss_sum += float(loss.detach())
+        stats.loss_sum += _reported_loss(per_token, batch.loss_mask)
         stats.loss_count += 1
         stats.tokens += float(batch.loss_mask.sum())
         stats.flops += step_flops(run_config, b, n)

@@ -1,0 +1,240 @@
+"""launch/train.py end to end on CPU, through the deepspeed launcher and torchrun.
+
+* pool on (2 base TP ranks + 2 pool ranks) equals pool off (2 base ranks), 20 iterations;
+* a run killed with SIGKILL exits non-zero quickly, and rerunning with --load resumes
+  from the last complete checkpoint and reproduces the uninterrupted run exactly;
+* bad input exits 2 with one line before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+
+import pytest
+import torch
+
+from megatron_fapool.testing.distributed import find_free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+TINY = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
+BIN = os.path.dirname(sys.executable)
+ITERS = 20
+SEQ = 256  # threshold 128: short documents stay local, longer ones use the pool
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _config(path, *, pool: bool, mutate=None) -> str:
+    data = json.load(open(TINY))
+    data["fapool"]["model_yaml"] = os.path.join(ROOT, "configs", "models", "tiny_dense.yaml")
+    data["fapool"]["attention_pool"]["enabled"] = pool
+    data["steps_per_print"] = 1000
+    if mutate:
+        mutate(data)
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _launch(launcher: str, nproc: int, args: list[str]) -> list[str]:
+    port = str(find_free_port())
+    if launcher == "deepspeed":
+        return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, TRAIN, *args]
+    return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, TRAIN, *args]
+
+
+def _train_args(cfg, data, metrics, *extra) -> list[str]:
+    return ["--deepspeed_config", cfg, "--data-path", data, "--train-iters", str(ITERS), "--seq-length", str(SEQ),
+            "--log-interval", "1", "--metrics-file", str(metrics), *extra]
+
+
+def _run(cmd, timeout=300):
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def _metrics(path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in open(path)]
+    return {r["iteration"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    stdlib = sysconfig.get_paths()["stdlib"]
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", stdlib,
+                    "--output-prefix", str(out), "--max-files", "60", "--seed", "3"],
+                   env=_env(), check=True, capture_output=True, timeout=120)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory):
+    """Pool on, deepspeed launcher, checkpoints every 10 iterations."""
+    d = tmp_path_factory.mktemp("pool_on")
+    cfg = _config(d / "cfg.json", pool=True)
+    proc = _run(_launch("deepspeed", 4, _train_args(cfg, corpus, d / "m.jsonl", "--save", str(d / "ckpt"),
+                                                    "--save-interval", "10")))
+    return {"dir": d, "cfg": cfg, "metrics": _metrics(d / "m.jsonl"), "stdout": proc.stdout}
+
+
+def test_pool_on_equals_pool_off(straight_run, corpus, tmp_path):
+    on = straight_run["metrics"]
+    assert sorted(on) == list(range(1, ITERS + 1))
+    # the distributed path ran: some micro-batches pooled, some local, the pool ranks served them
+    pooled = sum(r["pooled_micro_batches"] for r in on.values())
+    assert 0 < pooled < ITERS, pooled
+    assert sum(r["activations"] for r in on.values()) >= 1
+    out = straight_run["stdout"]
+    assert "pool rank for base rank 0: served" in out and "pool rank for base rank 1: served" in out
+    assert "served 0 forward" not in out
+
+    cfg_off = _config(tmp_path / "off.json", pool=False)
+    _run(_launch("torchrun", 2, _train_args(cfg_off, corpus, tmp_path / "off.jsonl")))
+    off = _metrics(tmp_path / "off.jsonl")
+    assert sorted(off) == sorted(on)
+    for it in on:
+        a, b = on[it]["loss"], off[it]["loss"]
+        assert abs(a - b) <= 1e-4 * abs(b), (it, a, b)
+        assert off[it]["pooled_micro_batches"] == 0
+    assert on[ITERS]["loss"] < on[1]["loss"]  # it learns
+
+
+def test_checkpoints_are_complete_and_committed(straight_run):
+    ckpt = straight_run["dir"] / "ckpt"
+    assert (ckpt / "latest").read_text() == "iter_0000020"
+    for tag in ("iter_0000010", "iter_0000020"):
+        meta = json.loads((ckpt / tag / "fapool_checkpoint.json").read_text())
+        assert meta["iteration"] == int(tag[5:])
+        assert meta["model"]["tensor_model_parallel_size"] == 2
+        names = os.listdir(ckpt / tag)
+        assert "mp_rank_00_model_states.pt" in names and "mp_rank_01_model_states.pt" in names  # one file per TP shard
+
+
+def _kill_when(proc, pattern: str, rank: int, found: dict):
+    pids = {}
+    for line in proc.stdout:
+        found.setdefault("lines", []).append(line)
+        if line.startswith("fapool: rank ") and " pid " in line:
+            parts = line.split()
+            pids[int(parts[2])] = int(parts[4])
+        if pattern in line and "killed_at" not in found:
+            os.kill(pids[rank], signal.SIGKILL)
+            found["killed_at"] = time.monotonic()
+
+
+def test_sigkill_then_resume_loses_nothing_saved(straight_run, corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    metrics = tmp_path / "killed.jsonl"
+    args = _train_args(straight_run["cfg"], corpus, metrics, "--save", str(ckpt), "--save-interval", "5")
+    proc = subprocess.Popen(_launch("deepspeed", 4, args), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    found: dict = {}
+    reader = threading.Thread(target=_kill_when, args=(proc, f"iteration {12:>8d}/", 1, found), daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    assert "killed_at" in found, "".join(found.get("lines", []))[-3000:]
+    assert rc != 0
+    assert time.monotonic() - found["killed_at"] < 60
+    assert (ckpt / "latest").read_text() == "iter_0000010"
+
+    resumed = tmp_path / "resumed.jsonl"
+    proc2 = _run(_launch("deepspeed", 4, _train_args(straight_run["cfg"], corpus, resumed, "--save", str(ckpt),
+                                                     "--save-interval", "5", "--load", str(ckpt))))
+    assert "resumed from" in proc2.stdout and "at iteration 10" in proc2.stdout
+    after = _metrics(resumed)
+    assert sorted(after) == list(range(11, ITERS + 1))
+    straight = straight_run["metrics"]
+    for it in after:  # the resumed run continues as the uninterrupted one
+        a, b = after[it], straight[it]
+        assert a["pooled_micro_batches"] == b["pooled_micro_batches"] and a["learning_rate"] == b["learning_rate"]
+        # equal to float32 rounding (bit-identical in most runs; see docs/benchmarks.md, "resume")
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]), (it, a["loss"], b["loss"])
+    assert (ckpt / "latest").read_text() == "iter_0000020"
+    # and ends with the same weights (each TP shard)
+    for shard in ("mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"):
+        a = torch.load(straight_run["dir"] / "ckpt" / "iter_0000020" / shard, map_location="cpu", weights_only=False)
+        b = torch.load(ckpt / "iter_0000020" / shard, map_location="cpu", weights_only=False)
+        assert a["module"].keys() == b["module"].keys()
+        for name, t in a["module"].items():
+            if torch.is_tensor(t):
+                torch.testing.assert_close(t, b["module"][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---- bad input: rank 0 alone fails in the preflight, before any process group ----
+
+def _rank0(args, world=4):
+    env = dict(_env(), WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
+    return subprocess.run([sys.executable, TRAIN, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def _error_line(proc) -> str:
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fapool: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_missing_data_path(tmp_path):
+    cfg = _config(tmp_path / "c.json", pool=True)
+    line = _error_line(_rank0(["--deepspeed_config", cfg, "--data-path", str(tmp_path / "nope"), "--train-iters", "2"]))
+    assert "--data-path" in line and "nope.bin not found" in line and "tools/preprocess_data.py" in line
+
+
+def test_zero_stage_3_is_refused(tmp_path, corpus):
+    cfg = _config(tmp_path / "c.json", pool=True, mutate=lambda d: d["zero_optimization"].update(stage=3))
+    line = _error_line(_rank0(["--deepspeed_config", cfg, "--data-path", corpus, "--train-iters", "2"]))
+    assert "zero_optimization.stage: 3 is not supported" in line
+
+
+def test_checkpoint_of_another_model_shape(tmp_path, straight_run, corpus):
+    yaml_text = open(os.path.join(ROOT, "configs", "models", "tiny_dense.yaml")).read()
+    (tmp_path / "wide.yaml").write_text(yaml_text.replace("hidden_size: 64", "hidden_size: 96"))
+    cfg = _config(tmp_path / "c.json", pool=True)
+    line = _error_line(_rank0(["--deepspeed_config", cfg, "--yaml-cfg", str(tmp_path / "wide.yaml"),
+                               "--data-path", corpus, "--train-iters", "30",
+                               "--load", str(straight_run["dir"] / "ckpt")]))
+    assert "--load" in line and "checkpoint of another model" in line and "hidden_size=64 (this run: 96)" in line
+
+
+def test_saving_over_another_runs_checkpoints_is_refused(tmp_path, straight_run, corpus):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight_run["dir"] / "ckpt", ckpt)
+    cfg = _config(tmp_path / "c.json", pool=True)
+    line = _error_line(_rank0(["--deepspeed_config", cfg, "--data-path", corpus, "--train-iters", "30",
+                               "--save", str(ckpt)]))
+    assert "already holds checkpoint 'iter_0000020'" in line and f"--load {ckpt}" in line
+
+
+@pytest.mark.parametrize(
+    "extra, mutate, expected",
+    [
+        (["--seq-length", "99999"], None, "--seq-length: 99999 exceeds max_position_embeddings"),
+        (["--save-interval", "5"], None, "--save-interval: given without --save"),
+        (["--train-iters", "0"], None, "--train-iters: must be >= 1"),
+        ([], lambda d: d.update(train_batch_size=3), "train_batch_size: 3 !="),
+        ([], lambda d: d["fapool"]["parallel"].update(pipeline_model_parallel_size=2),
+         "launch/train.py drives one pipeline stage"),
+    ],
+)
+def test_bad_flags_and_configs(tmp_path, corpus, extra, mutate, expected):
+    cfg = _config(tmp_path / "c.json", pool=True, mutate=mutate)
+    args = ["--deepspeed_config", cfg, "--data-path", corpus] + ([] if "--train-iters" in extra else ["--train-iters", "2"])
+    line = _error_line(_rank0(args + extra))
+    assert expected in line, line
