@@ -90,16 +90,17 @@ def run_one(args, base, json_dir, strategy: str, n: int, workdir: str) -> dict:
         "--log-interval", "1", "--metrics-file", metrics,
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))))
     if args.log_dir:
         os.makedirs(args.log_dir, exist_ok=True)
         with open(os.path.join(args.log_dir, f"{strategy}_{n}.log"), "w") as f:
             f.write(proc.stdout + proc.stderr)
     row = {"strategy": strategy, "n": n, "gpus": world, "wall_s": time.perf_counter() - t0}
     if proc.returncode != 0 or not os.path.exists(metrics):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()
-        oom = any("out of memory" in line.lower() for line in tail)
-        row["error"] = "out of memory" if oom else (tail[-1][:160] if tail else f"exit {proc.returncode}")
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        oom = any("out of memory" in line.lower() for line in lines)
+        reasons = [line for line in lines if line.startswith("fapool: error:") or "Error:" in line]
+        row["error"] = "out of memory" if oom else (reasons[-1][:200] if reasons else f"exit {proc.returncode}")
         return row
     rows = [json.loads(line) for line in open(metrics)]
     timed = [r for r in rows if r["iteration"] > args.warmup] or rows
