@@ -117,6 +117,7 @@ def train_base_rank(args, run_config, groups, device, *, resume: tuple[str, dict
             _reduce_over_replicas(stats, dp_group, device)
             result.losses.append(stats.loss)
             result.last_iteration = iteration
+            _write_monitor_events(engine, stats, layout.world_size)
             line = logger.record(stats)
             if line is not None:
                 log(line)
@@ -181,6 +182,22 @@ def _train_step(engine, data, pool, run_config, device, iteration: int, gas: int
         for k in ("activations", "releases", "resizes", "pooled_forward", "local_calls"):
             setattr(stats, k, float(after[k] - before[k]))
     return stats
+
+
+def _write_monitor_events(engine, stats: IterationStats, num_gpus: int) -> None:
+    """The iteration's numbers to the monitors of the JSON (tensorboard, csv_monitor, wandb, ...)."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not monitor.enabled or dist.get_rank() != 0:
+        return
+    step = stats.iteration
+    events = [
+        ("Train/lm_loss", stats.loss, step),
+        ("Train/tokens_per_s", stats.tokens / stats.elapsed_s, step),
+        ("Train/tflops_per_gpu", stats.flops / stats.elapsed_s / num_gpus / 1e12, step),
+        ("Train/pooled_micro_batches", stats.pooled_micro_batches, step),
+        ("Train/pool_activations", stats.activations, step),
+    ]
+    monitor.write_events(events)
 
 
 def _reduce_over_replicas(stats: IterationStats, dp_group, device) -> None:

@@ -111,6 +111,33 @@ def test_pool_on_equals_pool_off(straight_run, corpus, tmp_path):
     assert on[ITERS]["loss"] < on[1]["loss"]  # it learns
 
 
+def _dp2(data, *, pool: bool, stage: int, tmp):
+    data["fapool"]["parallel"]["tensor_model_parallel_size"] = 1
+    data["zero_optimization"]["stage"] = stage
+    data["gradient_accumulation_steps"] = 2
+    data["csv_monitor"] = {"enabled": True, "output_path": str(tmp / "monitor"), "job_name": "dp2"}
+
+
+def test_data_parallel_zero2_with_accumulation(corpus, tmp_path):
+    """2 base replicas (DP 2, ZeRO-2, 2 micro-batches per step), each with its own pool rank,
+    equal the same run at ZeRO-0 without the pool; DeepSpeed's csv monitor gets our metrics."""
+    iters = ["--train-iters", "6"]
+    on = _config(tmp_path / "on.json", pool=True, mutate=lambda d: _dp2(d, pool=True, stage=2, tmp=tmp_path / "on"))
+    off = _config(tmp_path / "off.json", pool=False, mutate=lambda d: _dp2(d, pool=False, stage=0, tmp=tmp_path / "off"))
+    out = _run(_launch("deepspeed", 4, _train_args(on, corpus, tmp_path / "on.jsonl") + iters)).stdout
+    _run(_launch("torchrun", 2, _train_args(off, corpus, tmp_path / "off.jsonl") + iters))
+    a, b = _metrics(tmp_path / "on.jsonl"), _metrics(tmp_path / "off.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for it in a:
+        assert abs(a[it]["loss"] - b[it]["loss"]) <= 1e-4 * abs(b[it]["loss"]), (it, a[it]["loss"], b[it]["loss"])
+        assert a[it]["micro_batches"] == 4  # 2 replicas x 2 accumulation steps, summed over replicas
+    assert sum(r["pooled_micro_batches"] for r in a.values()) > 0
+    assert "global batch size:     4" in out
+    assert "pool rank for base rank 0: served" in out and "pool rank for base rank 1: served" in out
+    csvs = [f for _, _, fs in os.walk(tmp_path / "on" / "monitor") for f in fs]
+    assert any("lm_loss" in f for f in csvs) and any("pooled_micro_batches" in f for f in csvs), csvs
+
+
 def test_checkpoints_are_complete_and_committed(straight_run):
     ckpt = straight_run["dir"] / "ckpt"
     assert (ckpt / "latest").read_text() == "iter_0000020"
