@@ -16,6 +16,7 @@ of GPUs in the job, pool ranks included (they are GPUs this job holds).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -71,6 +72,10 @@ class IterationLog:
     _window: list[IterationStats] = field(default_factory=list)
     _all: list[IterationStats] = field(default_factory=list)
     _started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        if self.metrics_path:  # appended to: a resumed run continues the file
+            os.makedirs(os.path.dirname(os.path.abspath(self.metrics_path)), exist_ok=True)
 
     def record(self, s: IterationStats) -> str | None:
         """Add one iteration; returns the log line when the interval is complete."""
