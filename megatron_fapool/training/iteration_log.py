@@ -111,7 +111,7 @@ class IterationLog:
             parts.append(f"grad norm: {last.grad_norm:.3f}")
         parts += [
             f"tokens/s: {tokens / elapsed:.0f}",
-            f"TFLOP/s/GPU: {flops / elapsed / self.num_gpus / 1e12:.3f}",
+            f"TFLOP/s/GPU: {flops / elapsed / self.num_gpus / 1e12:.4g}",
             f"seq len: {min(s.min_len for s in w)}..{max(s.max_len for s in w)}",
         ]
         if self.pool_enabled:
