@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
 #   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
-# Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench
+# Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo
 # `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
 # (megatron-core, deepspeed, pydantic) for an image that lacks them.
 set -uo pipefail
@@ -43,6 +43,9 @@ for s in "$@"; do
       timeout 590 $PY tools/bench_training.py --deepspeed_config configs/paper_dense_pool.json \
         --data-path runs/data/pystdlib --seq-lengths ${TRAIN_SEQS:-16384 65536} --train-iters ${TRAIN_ITERS:-5} --warmup 2 \
         --timeout 240 --markdown "$OUT/bench_training.md" --log-dir "$OUT/train_logs" 2>&1 | tee "$OUT/train_bench.log" || rc=1 ;;
+    train-demo)
+      stage train-demo
+      timeout 400 bash tools/gpu_train_demo.sh ${TRAIN_DEMO_ITERS:-80} || rc=1 ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
 done
