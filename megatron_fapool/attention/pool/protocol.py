@@ -23,10 +23,12 @@ class Op:
     SHUTDOWN = 3
     HEADS_FORWARD = 4  # the pool splitting heads (dilated attention): see heads.py
     HEADS_BACKWARD = 5
+    KV_STORE = 6  # inference: keep a shard of a layer's prefill K/V (kv_cache.py)
+    KV_DECODE = 7  # inference: one new token's attention over the sharded cache
+    KV_FREE = 8  # inference: drop a request's shards
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_FIELDS = 14
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Header:
     save: int = 1  # keep state for a backward
     scale_bits: int = 0
     backend: int = 0
-    extra: int = 0  # HEADS_FORWARD: int64 entries of the parameter tensor that follows
+    extra: int = 0  # HEADS_FORWARD: int64 entries of the parameter tensor that follows; KV_DECODE: owner
+    layer: int = 0  # KV_*: the layer (call_id is the request)
 
     @property
     def softmax_scale(self) -> float:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .blocks import chunks_backward, chunks_forward
 from .client import _named_failure, _nbytes, member_views
 from .heads import serve_heads_backward, serve_heads_forward
+from .kv_cache import KVShardStore, serve_kv_decode, serve_kv_free, serve_kv_store
 from .partition import ZigzagPlan, zigzag_plan
 from .protocol import Header, Op
 from .stats import PoolStats
@@ -47,6 +48,7 @@ class PoolServer:
         self.device = device
         self.stats = stats or PoolStats()
         self.saved: dict[int, _Saved] = {}
+        self.kv = KVShardStore()  # inference: K/V shards of pooled requests
 
     def _group(self, members: int):
         return self.groups.attention_group(self.base, members - 1)
@@ -79,6 +81,12 @@ class PoolServer:
                 serve_heads_forward(self, h)
             elif h.op == Op.HEADS_BACKWARD:
                 serve_heads_backward(self, h)
+            elif h.op == Op.KV_STORE:
+                serve_kv_store(self, h)
+            elif h.op == Op.KV_DECODE:
+                serve_kv_decode(self, h)
+            elif h.op == Op.KV_FREE:
+                serve_kv_free(self, h)
             else:
                 raise RuntimeError(f"pool rank {self.groups.rank}: unknown op {h.op} from base rank {self.base}")
 

@@ -1,0 +1,281 @@
+"""Decode with a pool-resident KV cache: a long sequence's K/V lives sharded on its attention group.
+
+For inference (issue 5). After the prefill of a pooled request, each layer's K/V is
+split along the sequence over the ``members`` of the base rank's attention group (the
+base rank is member 0 and keeps its own shard; member ``j`` keeps the ``j``-th
+contiguous range): no holder has it whole. A decode step of one layer then moves
+
+* the new query, broadcast to every member,
+* the new token's k and v, sent to the one member that will hold them (the one with
+  the fewest tokens), and
+* each member's partial result ``(out, lse)`` over its shard, gathered to the base,
+
+and the base merges the partials with the log-sum-exp rule. Nothing is replicated at
+rest and no K/V moves after the prefill. :func:`prefill_shards` and
+:func:`next_owner` are the pure placement rules; :class:`PoolKVCache` is the base side,
+:class:`KVShardStore` plus the ``serve_kv_*`` handlers the pool side (dispatched by
+:class:`~megatron_fapool.attention.pool.server.PoolServer`).
+
+Bad input (unknown request, wrong shapes, a request stored twice) raises on the base
+before any header is sent, so the pool's state for other requests is never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..local import attention_forward, merge_partials
+from .client import _named_failure, _nbytes
+from .protocol import DTYPES, Header, Op
+
+__all__ = [
+    "KVShardStore",
+    "PoolKVCache",
+    "decode_partial",
+    "next_owner",
+    "prefill_shards",
+]
+
+
+def prefill_shards(n: int, members: int) -> list[tuple[int, int]]:
+    """Contiguous, balanced ``[lo, hi)`` ranges of ``n`` tokens; member ``j`` holds the ``j``-th."""
+    if members < 1:
+        raise ValueError(f"members must be >= 1, got {members}")
+    base, extra = divmod(n, members)
+    bounds, lo = [], 0
+    for j in range(members):
+        hi = lo + base + (1 if j < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def next_owner(sizes: list[int]) -> int:
+    """The member that stores the next token: the one holding the fewest (lowest index on ties)."""
+    return min(range(len(sizes)), key=lambda j: (sizes[j], j))
+
+
+def decode_partial(q, k, v, *, softmax_scale: float, backend: str = "auto"):
+    """One query against one shard: q ``[hq, d]``, k/v ``[s, hk, d]`` -> (out ``[hq, d]`` fp32, lse ``[hq]`` fp32).
+
+    An empty shard gives out 0 and lse ``-inf`` (it then drops out of the merge).
+    """
+    hq, d = q.shape
+    if k.shape[0] == 0:
+        return q.new_zeros((hq, d), dtype=torch.float32), torch.full((hq,), float("-inf"), device=q.device)
+    out, lse = attention_forward(
+        q[None, None], k[None], v[None], causal=False, softmax_scale=softmax_scale, backend=backend
+    )
+    return out[0, 0].float(), lse[0, :, 0].float()
+
+
+class _GrowingKV:
+    """One layer's K/V shard of one request, with room to append (doubling)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.length = k.shape[0]
+        cap = max(16, 2 * self.length)
+        self.kv = k.new_empty((cap, 2) + tuple(k.shape[1:]))
+        self.kv[: self.length, 0], self.kv[: self.length, 1] = k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.length == self.kv.shape[0]:
+            grown = self.kv.new_empty((2 * self.kv.shape[0],) + tuple(self.kv.shape[1:]))
+            grown[: self.length] = self.kv[: self.length]
+            self.kv = grown
+        self.kv[self.length, 0], self.kv[self.length, 1] = k, v
+        self.length += 1
+
+    @property
+    def k(self):
+        return self.kv[: self.length, 0]
+
+    @property
+    def v(self):
+        return self.kv[: self.length, 1]
+
+    def nbytes(self) -> int:
+        return self.length * 2 * self.kv[0, 0].numel() * self.kv.element_size()
+
+
+@dataclass
+class KVShardStore:
+    """The K/V shards one rank holds: ``(request, layer) -> shard``."""
+
+    shards: dict[tuple[int, int], _GrowingKV] = field(default_factory=dict)
+
+    def tokens(self, request: int, layer: int) -> int:
+        s = self.shards.get((request, layer))
+        return 0 if s is None else s.length
+
+    def tokens_of(self, request: int) -> int:
+        """Tokens of ``request`` held here, summed over layers."""
+        return sum(s.length for (r, _), s in self.shards.items() if r == request)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.shards.values())
+
+    def put(self, request: int, layer: int, k, v) -> None:
+        self.shards[(request, layer)] = _GrowingKV(k, v)
+
+    def free(self, request: int) -> None:
+        for key in [key for key in self.shards if key[0] == request]:
+            del self.shards[key]
+
+
+@dataclass
+class _Request:
+    members: int
+    sizes: dict[int, list[int]] = field(default_factory=dict)  # layer -> tokens per member
+
+
+class PoolKVCache:
+    """Base-rank side: prefill-store, decode and free pooled requests' K/V (one per base rank)."""
+
+    def __init__(self, client, *, backend: str = "auto"):
+        self.client = client
+        self.backend = backend
+        self.local = KVShardStore()  # this rank's own shards (member 0)
+        self.requests: dict[int, _Request] = {}
+        self._device = None
+
+    # -- helpers -------------------------------------------------------------------
+    def _group(self, members: int):
+        return self.client.groups.attention_group(self.client.rank, members - 1)
+
+    def _member_rank(self, members: int, j: int) -> int:
+        return self.client.pool_ranks[j - 1] if j else self.client.rank
+
+    def _header(self, **kw) -> Header:
+        return Header(drop_before=self.client._drop_before(), **kw)
+
+    def tokens_held(self, request: int) -> int:
+        """Tokens of ``request`` this base rank holds (all layers)."""
+        return self.local.tokens_of(request)
+
+    # -- API -----------------------------------------------------------------------
+    def store(self, request: int, layer: int, k: torch.Tensor, v: torch.Tensor, *, members: int) -> None:
+        """Shard one layer's prefill K/V ``[n, hk, d]`` of ``request`` over ``members`` (base + pool)."""
+        if not 2 <= members <= self.client.max_members:
+            raise ValueError(f"members must be in 2..{self.client.max_members}, got {members}")
+        if k.shape != v.shape or k.dim() != 3:
+            raise ValueError(f"k and v must both be [n, kv_heads, head_dim], got {tuple(k.shape)} and {tuple(v.shape)}")
+        req = self.requests.get(request)
+        if req is not None and req.members != members:
+            raise ValueError(f"request {request} is stored over {req.members} members, not {members}")
+        if req is not None and layer in req.sizes:
+            raise ValueError(f"request {request} layer {layer} is already stored")
+        req = self.requests.setdefault(request, _Request(members=members))
+        n, hk, d = k.shape
+        bounds = prefill_shards(n, members)
+        self._device = k.device
+        _named_failure(f"KV store of base rank {self.client.rank}", self.client.pool_ranks[: members - 1],
+                       self._store, request, layer, k, v, members, bounds)
+        req.sizes[layer] = [hi - lo for lo, hi in bounds]
+
+    def _store(self, request, layer, k, v, members, bounds):
+        n, hk, d = k.shape
+        pad = max(hi - lo for lo, hi in bounds)
+        self.client._send_header(self._header(
+            op=Op.KV_STORE, call_id=request, n=n, layer=layer, kv_heads=hk, head_dim=d,
+            dtype=DTYPES.index(k.dtype), members=members,
+        ), k.device)
+        buf = k.new_zeros((members, pad, 2, hk, d))
+        for j, (lo, hi) in enumerate(bounds):
+            buf[j, : hi - lo, 0], buf[j, : hi - lo, 1] = k[lo:hi], v[lo:hi]
+        mine = torch.empty_like(buf[0])
+        dist.scatter(mine, list(buf.unbind(0)), src=self.client.rank, group=self._group(members))
+        self.client.stats.bytes_sent += _nbytes(buf) - _nbytes(buf[0])
+        lo, hi = bounds[0]
+        self.local.put(request, layer, k[lo:hi].clone(), v[lo:hi].clone())
+
+    def decode(self, request: int, layer: int, q, k_new, v_new, *, softmax_scale: float) -> torch.Tensor:
+        """Attention of the new token of ``request`` at ``layer``: q ``[hq, d]``, k/v_new ``[hk, d]`` -> ``[hq, d]``.
+
+        The new k, v join the cache first (causal: the token attends to itself).
+        """
+        req = self.requests.get(request)
+        if req is None or layer not in req.sizes:
+            raise KeyError(f"request {request} layer {layer} has no pooled KV cache (store it at prefill)")
+        sizes = req.sizes[layer]
+        if k_new.shape != v_new.shape or k_new.shape[-1] != q.shape[-1]:
+            raise ValueError(f"new k/v {tuple(k_new.shape)}/{tuple(v_new.shape)} do not match q {tuple(q.shape)}")
+        owner = next_owner(sizes)
+        out = _named_failure(f"KV decode of base rank {self.client.rank}", self.client.pool_ranks[: req.members - 1],
+                             self._decode, request, layer, q, k_new, v_new, req.members, owner, softmax_scale)
+        sizes[owner] += 1
+        return out
+
+    def _decode(self, request, layer, q, k_new, v_new, members, owner, scale):
+        hq, d = q.shape
+        hk = k_new.shape[0]
+        group = self._group(members)
+        self.client._send_header(self._header(
+            op=Op.KV_DECODE, call_id=request, layer=layer, heads=hq, kv_heads=hk, head_dim=d,
+            dtype=DTYPES.index(q.dtype), members=members, extra=owner,
+            scale_bits=Header.scale_to_bits(scale),
+        ), q.device)
+        qc = q.contiguous()
+        dist.broadcast(qc, src=self.client.rank, group=group)
+        self.client.stats.bytes_sent += _nbytes(qc) * (members - 1)
+        if owner == 0:
+            self.local.shards[(request, layer)].append(k_new, v_new)
+        else:
+            kv = torch.stack((k_new, v_new)).contiguous()
+            dist.send(kv, dst=self._member_rank(members, owner), group=group)
+            self.client.stats.bytes_sent += _nbytes(kv)
+        shard = self.local.shards[(request, layer)]
+        out, lse = decode_partial(qc, shard.k, shard.v, softmax_scale=scale, backend=self.backend)
+        part = torch.cat((out, lse[:, None]), dim=1)  # [hq, d + 1] fp32
+        parts = [torch.empty_like(part) for _ in range(members)]
+        dist.gather(part, parts, dst=self.client.rank, group=group)
+        self.client.stats.bytes_received += _nbytes(part) * (members - 1)
+        out, lse = out[None, None], lse[None, :, None]  # merge_partials' [b, s, h, d] / [b, h, s]
+        for p in parts[1:]:  # fixed order: the same result on every run
+            out, lse = merge_partials(out, lse, p[None, None, :, :d], p[None, :, d, None])
+        return out[0, 0].to(q.dtype)
+
+    def free(self, request: int) -> None:
+        """Drop ``request``'s K/V everywhere (no-op for an unknown request)."""
+        req = self.requests.pop(request, None)
+        if req is None:
+            return
+        self.local.free(request)
+        self.client._send_header(self._header(op=Op.KV_FREE, call_id=request, members=req.members), self._device)
+
+
+# -- pool side ---------------------------------------------------------------------
+
+def serve_kv_store(server, h: Header) -> None:
+    bounds = prefill_shards(h.n, h.members)
+    lo, hi = bounds[server.member]
+    pad = max(b - a for a, b in bounds)
+    buf = torch.empty((pad, 2, h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
+    dist.scatter(buf, None, src=server.base, group=server._group(h.members))
+    server.stats.bytes_received += _nbytes(buf)
+    server.kv.put(h.call_id, h.layer, buf[: hi - lo, 0].clone(), buf[: hi - lo, 1].clone())
+
+
+def serve_kv_decode(server, h: Header) -> None:
+    group = server._group(h.members)
+    q = torch.empty((h.heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
+    dist.broadcast(q, src=server.base, group=group)
+    server.stats.bytes_received += _nbytes(q)
+    shard = server.kv.shards[(h.call_id, h.layer)]
+    if h.extra == server.member:
+        kv = torch.empty((2, h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
+        dist.recv(kv, src=server.base, group=group)
+        server.stats.bytes_received += _nbytes(kv)
+        shard.append(kv[0], kv[1])
+    out, lse = decode_partial(q, shard.k, shard.v, softmax_scale=h.softmax_scale)
+    part = torch.cat((out, lse[:, None]), dim=1)
+    dist.gather(part, None, dst=server.base, group=group)
+    server.stats.bytes_sent += _nbytes(part)
+    server.stats.served_forward += 1
+
+
+def serve_kv_free(server, h: Header) -> None:
+    server.kv.free(h.call_id)
