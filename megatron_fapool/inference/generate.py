@@ -1,0 +1,140 @@
+"""Generation loop: prefill every request, then decode them round-robin, with TTFT / TPOT / TPS.
+
+One forward per request and step (batch 1 per forward: each request has its own length,
+its own KV cache and, above the threshold, its own pool shards). Tensor-parallel ranks
+run the same loop in lockstep; their logits are gathered, so every rank picks the same
+token. Bad requests are refused before any work, so no cache is touched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .session import rope_position
+
+__all__ = ["Generation", "Request", "RequestError", "generate", "validate_requests"]
+
+
+class RequestError(ValueError):
+    """A request that cannot be served (one line, names the request)."""
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+
+
+@dataclass
+class Generation:
+    id: int
+    prompt_len: int
+    tokens: list[int] = field(default_factory=list)
+    pooled: bool = False
+    ttft_s: float = 0.0  # from the start of the batch to this request's first token
+    decode_s: list[float] = field(default_factory=list)  # time of each decode step
+    kv_tokens_on_base: int = 0  # K/V tokens this base rank held at the end (all layers)
+
+    @property
+    def tpot_s(self) -> float:
+        return sum(self.decode_s) / len(self.decode_s) if self.decode_s else 0.0
+
+
+def validate_requests(requests: list[Request], *, vocab_size: int, max_positions: int) -> None:
+    seen = set()
+    for r in requests:
+        if r.id in seen:
+            raise RequestError(f"request {r.id}: duplicate id")
+        seen.add(r.id)
+        if not r.prompt:
+            raise RequestError(f"request {r.id}: empty prompt")
+        if r.max_new_tokens < 1:
+            raise RequestError(f"request {r.id}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        total = len(r.prompt) + r.max_new_tokens
+        if total > max_positions:
+            raise RequestError(
+                f"request {r.id}: prompt {len(r.prompt)} + {r.max_new_tokens} new tokens = {total} exceeds the"
+                f" model's max_position_embeddings {max_positions}"
+            )
+        bad = [t for t in r.prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"request {r.id}: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _last_logits(model, ids, position: int, device, tp_group) -> torch.Tensor:
+    pos = torch.arange(position, position + ids.shape[1], device=device)[None]
+    with rope_position(model, position):
+        logits = model(ids, pos, None)  # [1, s, vocab / tp]
+    last = logits[0, -1].float().contiguous()
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        parts = [torch.empty_like(last) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(parts, last, group=tp_group)
+        last = torch.cat(parts)
+    return last
+
+
+def _pick(logits, *, greedy: bool, temperature: float, top_k: int, generator) -> int:
+    if greedy:
+        return int(logits.argmax())
+    scaled = logits / max(temperature, 1e-6)
+    if top_k:
+        kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
+        scaled = torch.where(scaled < kth, torch.full_like(scaled, float("-inf")), scaled)
+    probs = torch.softmax(scaled, dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model, session, requests: list[Request], *, vocab_size: int, max_positions: int, device,
+             tp_group=None, greedy: bool = True, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+             stop_token: int | None = None) -> list[Generation]:
+    """Serve ``requests``; returns one :class:`Generation` per request, in order."""
+    validate_requests(requests, vocab_size=vocab_size, max_positions=max_positions)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)  # the same on every TP rank: same logits, same draws
+    pick = dict(greedy=greedy, temperature=temperature, top_k=top_k, generator=gen)
+    results = {r.id: Generation(id=r.id, prompt_len=len(r.prompt)) for r in requests}
+    _sync(device)
+    start = time.perf_counter()
+    try:
+        for r in requests:  # prefill
+            ids = torch.tensor([r.prompt], dtype=torch.long, device=device)
+            with session.step(r.id, "prefill"):
+                logits = _last_logits(model, ids, 0, device, tp_group)
+            out = results[r.id]
+            out.tokens.append(_pick(logits, **pick))
+            out.pooled = session.is_pooled(r.id)
+            _sync(device)
+            out.ttft_s = time.perf_counter() - start
+        live = [r for r in requests if not _done(results[r.id], r, stop_token)]
+        while live:  # decode, round-robin
+            for r in live:
+                out = results[r.id]
+                t0 = time.perf_counter()
+                ids = torch.tensor([[out.tokens[-1]]], dtype=torch.long, device=device)
+                with session.step(r.id, "decode"):
+                    logits = _last_logits(model, ids, out.prompt_len + len(out.tokens) - 1, device, tp_group)
+                out.tokens.append(_pick(logits, **pick))
+                _sync(device)
+                out.decode_s.append(time.perf_counter() - t0)
+            live = [r for r in live if not _done(results[r.id], r, stop_token)]
+        for r in requests:
+            results[r.id].kv_tokens_on_base = session.tokens_held(r.id)
+    finally:
+        for r in requests:
+            session.free(r.id)
+    return [results[r.id] for r in requests]
+
+
+def _done(out: Generation, r: Request, stop_token) -> bool:
+    return len(out.tokens) >= r.max_new_tokens or (stop_token is not None and out.tokens[-1] == stop_token)

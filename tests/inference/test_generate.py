@@ -1,0 +1,120 @@
+"""Issue 5 (CPU part): greedy generation with the pool-resident KV cache equals the static path
+and a single-process Megatron model with the same weights, token for token.
+
+Prompts below (60) and above (749, 300) the pool threshold (128) in one batch. The
+pooled requests' K/V is sharded: each base rank keeps about 1/(p+1) of it, its pool
+rank the rest, nothing twice.
+"""
+
+import dataclasses
+import os
+
+import torch
+
+from megatron_fapool.testing.distributed import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
+PROMPTS = {1: 749, 2: 60, 3: 300}
+NEW = 6
+
+
+def _prompts(vocab):
+    g = torch.Generator().manual_seed(11)
+    return {rid: torch.randint(0, vocab, (n,), generator=g).tolist() for rid, n in PROMPTS.items()}
+
+
+def _reference_body(rank, world):
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_fapool.config import load_run_config
+    from megatron_fapool.models.gpt import transformer_config_for
+    from megatron_fapool.testing.megatron_reference import cpu_reference_shims, megatron_reference_spec
+
+    cfg = load_run_config(CONFIG)
+    lm = cfg.model.language_model
+    parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    torch.manual_seed(7)
+    model = GPTModel(
+        transformer_config_for(cfg, tensor_model_parallel_size=1), megatron_reference_spec(), vocab_size=lm.vocab_size,
+        max_sequence_length=lm.max_position_embeddings, position_embedding_type=lm.position_embedding_type,
+        share_embeddings_and_output_weights=not lm.untie_embeddings_and_output_weights,
+    ).eval()
+    tokens = {}
+    with cpu_reference_shims(), torch.no_grad():
+        for rid, prompt in _prompts(lm.vocab_size).items():
+            seq = list(prompt)
+            for _ in range(NEW):  # no cache: the whole sequence every step
+                n = len(seq)
+                mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)[None, None]
+                logits = model(torch.tensor([seq]), torch.arange(n)[None], mask)
+                seq.append(int(logits[0, -1].argmax()))
+            tokens[rid] = seq[len(prompt):]
+    return {"state": {k: v.detach().clone() for k, v in model.named_parameters()}, "tokens": tokens}
+
+
+def _served_body(rank, world, reference, pool_on):
+    from megatron.core import parallel_state
+
+    from megatron_fapool.attention.pool import AttentionPool, PoolServer
+    from megatron_fapool.config import load_run_config
+    from megatron_fapool.inference.generate import Request, generate
+    from megatron_fapool.inference.session import InferenceCoreAttention, InferenceSession
+    from megatron_fapool.models.gpt import build_gpt_model
+    from megatron_fapool.models.gpt_layer_specs import get_fapool_gpt_layer_spec
+    from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
+    from megatron_fapool.testing.megatron_reference import load_sharded
+
+    cfg = load_run_config(CONFIG)
+    pool_cfg = cfg.fapool.attention_pool.model_copy(update={"enabled": pool_on, "pool_size": world - 2})
+    cfg = dataclasses.replace(cfg, fapool=cfg.fapool.model_copy(update={"attention_pool": pool_cfg}))
+    groups = initialize_parallel_groups(layout_from_config(cfg, world))
+    if groups.is_pool:
+        server = PoolServer(groups, device=torch.device("cpu"))
+        held = {}
+        free = server.kv.free
+
+        def snapshot_then_free(request):
+            held[request] = server.kv.tokens_of(request)
+            free(request)
+        server.kv.free = snapshot_then_free
+        stats = server.serve()
+        return {"role": "pool", "held": held, "left": len(server.kv.shards), "stats": stats.as_dict()}
+    pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool) if pool_on else None
+    session = InferenceSession(pool)
+    spec = get_fapool_gpt_layer_spec(core_attention=InferenceCoreAttention,
+                                     core_attention_params={"pool": pool, "session": session})
+    model = build_gpt_model(cfg, layer_spec=spec)
+    load_sharded(model, reference["state"], parallel_state.get_tensor_model_parallel_rank(), 2)
+    lm = cfg.model.language_model
+    requests = [Request(rid, p, NEW) for rid, p in _prompts(lm.vocab_size).items()]
+    out = generate(model, session, requests, vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings,
+                   device=torch.device("cpu"), tp_group=parallel_state.get_tensor_model_parallel_group())
+    if pool is not None:
+        pool.shutdown(torch.device("cpu"))
+    return {"role": "base", "gens": [dataclasses.asdict(g) for g in out]}
+
+
+def test_greedy_generation_pool_equals_static_equals_megatron():
+    reference = run_distributed(_reference_body, 1, timeout=240)[0]
+    pooled = run_distributed(_served_body, 4, reference, True, timeout=300)
+    static = run_distributed(_served_body, 2, reference, False, timeout=300)
+    for res in (pooled, static):
+        for r in (x for x in res if x["role"] == "base"):
+            got = {g["id"]: g["tokens"] for g in r["gens"]}
+            assert got == reference["tokens"]
+    # the pooled path really ran, and the K/V of pooled requests was sharded
+    bases = [r for r in pooled if r["role"] == "base"]
+    pools = [r for r in pooled if r["role"] == "pool"]
+    layers = 2
+    for b, p in zip(bases, pools):  # base rank i owns pool rank 2 + i
+        gens = {g["id"]: g for g in b["gens"]}
+        assert [rid for rid, g in gens.items() if g["pooled"]] == [1, 3]
+        for rid in (1, 3):
+            total = layers * (PROMPTS[rid] + NEW - 1)  # the last token is never fed back
+            on_base, on_pool = gens[rid]["kv_tokens_on_base"], p["held"][rid]
+            assert on_base + on_pool == total  # nothing replicated
+            assert abs(on_base - total / 2) <= layers  # about 1/(p+1) each
+        assert gens[2]["kv_tokens_on_base"] == layers * (PROMPTS[2] + NEW - 1) and 2 not in p["held"]
+        assert p["left"] == 0 and p["stats"]["served_forward"] > 0
