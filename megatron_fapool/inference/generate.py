@@ -83,7 +83,9 @@ def _last_logits(model, ids, position: int, device, tp_group) -> torch.Tensor:
     return last
 
 
-def _pick(logits, *, greedy: bool, temperature: float, top_k: int, generator) -> int:
+def _pick(logits, *, greedy: bool, temperature: float, top_k: int, generator, limit) -> int:
+    if limit is not None:
+        logits = logits[:limit]
     if greedy:
         return int(logits.argmax())
     scaled = logits / max(temperature, 1e-6)
@@ -97,12 +99,16 @@ def _pick(logits, *, greedy: bool, temperature: float, top_k: int, generator) ->
 @torch.no_grad()
 def generate(model, session, requests: list[Request], *, vocab_size: int, max_positions: int, device,
              tp_group=None, greedy: bool = True, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
-             stop_token: int | None = None) -> list[Generation]:
-    """Serve ``requests``; returns one :class:`Generation` per request, in order."""
+             stop_token: int | None = None, token_limit: int | None = None) -> list[Generation]:
+    """Serve ``requests``; returns one :class:`Generation` per request, in order.
+
+    ``token_limit``: only ids below it are generated (a tokenizer smaller than the
+    model's padded vocabulary); ``stop_token`` ends a request early.
+    """
     validate_requests(requests, vocab_size=vocab_size, max_positions=max_positions)
     model.eval()
     gen = torch.Generator().manual_seed(seed)  # the same on every TP rank: same logits, same draws
-    pick = dict(greedy=greedy, temperature=temperature, top_k=top_k, generator=gen)
+    pick = dict(greedy=greedy, temperature=temperature, top_k=top_k, generator=gen, limit=token_limit)
     results = {r.id: Generation(id=r.id, prompt_len=len(r.prompt)) for r in requests}
     _sync(device)
     start = time.perf_counter()

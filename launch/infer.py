@@ -1,0 +1,221 @@
+"""Generate text with a Megatron GPT model, the attention pool and a pool-resident KV cache.
+
+    deepspeed --num_gpus 4 launch/infer.py --deepspeed_config configs/tiny_dense_pool.json \\
+        --load runs/demo/checkpoints --prompt "def main(" --prompt "import os" --max-new-tokens 32
+    torchrun --nproc_per_node 2 launch/infer.py --deepspeed_config configs/paper_dense_pool.json \\
+        --random-weights --prompt-lengths 512 2048 131072 --max-new-tokens 16 --metrics-json m.json
+
+Weights come from a checkpoint of launch/train.py (``--load DIR``: its latest complete
+one, same model shape and TP) or are random (``--random-weights``, for benchmarking).
+Prompts are text (byte tokenizer), files, or random token ids of given lengths; a batch
+may mix short and long ones. Every prompt is prefilled (through the pool above the
+threshold, whose ranks then keep that request's K/V sharded along the sequence), then
+decoded round-robin, greedy or sampled. Printed per request and per length bucket
+(512-2K, 2K-8K, 8K-32K, 32K+): TTFT, TPOT and TPS (input + output tokens per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megatron_fapool.config import ConfigError, load_run_config  # noqa: E402
+from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config  # noqa: E402
+from megatron_fapool.parallel.liveness import LivenessMonitor  # noqa: E402
+from megatron_fapool.runtime import exit_on_user_error, init_distributed, log0, world_from_env  # noqa: E402
+from megatron_fapool.training import checkpoint as ckpt  # noqa: E402
+
+BUCKETS = ((512, 2048, "512-2K"), (2048, 8192, "2K-8K"), (8192, 32768, "8K-32K"), (32768, 1 << 62, "32K+"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, help="DeepSpeed JSON with a fapool section")
+    p.add_argument("--yaml-cfg", default=None, help="model YAML replacing the JSON's fapool.model_yaml")
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--load", metavar="DIR", help="checkpoint directory of launch/train.py (its latest complete one)")
+    w.add_argument("--random-weights", action="store_true", help="random weights (seeded), for benchmarks")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    p.add_argument("--prompt-file", action="append", default=[], help="a file whose text is one prompt (repeatable)")
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[], help="random-token prompts of these lengths")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sampling", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--stop-at-eod", action="store_true", help="end a request at the end-of-document token")
+    p.add_argument("--warmup", action="store_true", help="serve the batch once untimed first (kernels, allocator)")
+    p.add_argument("--metrics-json", default=None, help="write per-request metrics here (rank 0)")
+    p.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
+    return p.parse_args(argv)
+
+
+def _prompts(args, vocab_size: int):
+    from megatron_fapool.data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    prompts, texts = [], []
+    for text in args.prompt:
+        prompts.append(tok.tokenize(text))
+        texts.append(text)
+    for path in args.prompt_file:
+        if not os.path.isfile(path):
+            raise ConfigError("--prompt-file", f"{path} not found")
+        text = open(path, encoding="utf-8", errors="replace").read()
+        prompts.append(tok.tokenize(text))
+        texts.append(f"<{path}>")
+    g = torch.Generator().manual_seed(args.seed)
+    for n in args.prompt_lengths:
+        if n < 1:
+            raise ConfigError("--prompt-lengths", f"{n}: a prompt needs at least one token")
+        prompts.append(torch.randint(0, min(vocab_size, tok.vocab_size - 1), (n,), generator=g).tolist())
+        texts.append(f"<{n} random tokens>")
+    if not prompts:
+        raise ConfigError("--prompt", "no prompt given: use --prompt, --prompt-file or --prompt-lengths")
+    return prompts, texts, tok
+
+
+def _preflight(args):
+    cfg = load_run_config(args.deepspeed_config, model_yaml=args.yaml_cfg)
+    lm = cfg.model.language_model
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+    if cfg.pipeline_model_parallel_size != 1:
+        raise ConfigError("pipeline_model_parallel_size", "launch/infer.py serves one pipeline stage (PP = 1)")
+    prompts, texts, tok = _prompts(args, lm.vocab_size)
+    from megatron_fapool.inference.generate import Request, RequestError, validate_requests
+
+    requests = [Request(i, p, args.max_new_tokens) for i, p in enumerate(prompts)]
+    try:
+        validate_requests(requests, vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings)
+    except RequestError as e:
+        raise ConfigError("--prompt", str(e)) from None
+    resume = None
+    if args.load:
+        resume = ckpt.find_checkpoint(args.load)
+        if resume is None:
+            raise ConfigError("--load", f"no complete checkpoint in {args.load} (no 'latest' file)")
+        ckpt.check_compatible(resume[1], cfg, os.path.join(args.load, resume[0]))
+    _, world, _ = world_from_env()
+    layout = layout_from_config(cfg, world)
+    return cfg, layout, requests, texts, tok, resume
+
+
+def _load_weights(model, load_dir: str, tag: str, device) -> None:
+    from megatron.core import parallel_state
+
+    path = os.path.join(load_dir, tag, f"mp_rank_{parallel_state.get_tensor_model_parallel_rank():02d}_model_states.pt")
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["module"], strict=True)
+
+
+def _bucket(n: int) -> str:
+    for lo, hi, name in BUCKETS:
+        if lo <= n < hi:
+            return name
+    return "<512"
+
+
+def _report(gens, texts, tok, wall_s: float) -> str:
+    lines = ["== requests ==",
+             f"{'id':>3} {'prompt':>8} {'new':>4} {'pooled':>6} {'TTFT ms':>9} {'TPOT ms':>8}  text"]
+    for g, text in zip(gens, texts):
+        out = tok.detokenize(g.tokens).replace("\n", "\\n")[:60]
+        lines.append(f"{g.id:>3} {g.prompt_len:>8} {len(g.tokens):>4} {'yes' if g.pooled else 'no':>6}"
+                     f" {g.ttft_s * 1e3:>9.1f} {g.tpot_s * 1e3:>8.2f}  {text[:30]!s} -> {out!r}")
+    total = sum(g.prompt_len + len(g.tokens) for g in gens)
+    lines.append(f"batch: {len(gens)} requests, {total} tokens (input + output) in {wall_s:.2f}s = {total / wall_s:.0f} TPS")
+    lines.append("== per length bucket ==")
+    for _, _, name in ((0, 0, "<512"),) + BUCKETS:
+        sel = [g for g in gens if _bucket(g.prompt_len) == name]
+        if not sel:
+            continue
+        ttft = sum(g.ttft_s for g in sel) / len(sel)
+        tpot = sum(g.tpot_s for g in sel) / len(sel)
+        lines.append(f"{name:>7}: {len(sel)} requests, mean TTFT {ttft * 1e3:.1f} ms, mean TPOT {tpot * 1e3:.2f} ms")
+    return "\n".join(lines)
+
+
+def _serve_base(args, cfg, groups, device, requests, texts, tok, resume):
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_fapool.attention.pool import AttentionPool
+    from megatron_fapool.inference.generate import generate
+    from megatron_fapool.inference.session import InferenceCoreAttention, InferenceSession
+    from megatron_fapool.models.gpt import build_gpt_model
+    from megatron_fapool.models.gpt_layer_specs import get_fapool_gpt_layer_spec
+
+    lm = cfg.model.language_model
+    backend = cfg.fapool.attention_backend.backend
+    pool = None
+    if groups.layout.pool_per_base:
+        pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool, backend=backend)
+    session = InferenceSession(pool, backend=backend)
+    spec = get_fapool_gpt_layer_spec(
+        normalization=lm.normalization, qk_layernorm=lm.qk_layernorm, core_attention=InferenceCoreAttention,
+        core_attention_params={"pool": pool, "session": session, "backend": backend},
+    )
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    model = build_gpt_model(cfg, layer_spec=spec).to(device)
+    if resume is not None:
+        _load_weights(model, args.load, resume[0], device)
+        log0(f"== weights from {args.load}/{resume[0]} ==")
+    kwargs = dict(vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings, device=device,
+                  tp_group=parallel_state.get_tensor_model_parallel_group(), greedy=not args.sampling,
+                  temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                  token_limit=tok.vocab_size, stop_token=tok.eod if args.stop_at_eod else None)
+    if args.warmup:
+        generate(model, session, requests, **kwargs)
+    t0 = time.perf_counter()
+    gens = generate(model, session, requests, **kwargs)
+    wall = time.perf_counter() - t0
+    if pool is not None:
+        pool.shutdown(device)
+    if dist.get_rank() == 0:
+        print(_report(gens, texts, tok, wall), flush=True)
+        if args.metrics_json:
+            rows = [dict(id=g.id, prompt_len=g.prompt_len, new_tokens=len(g.tokens), pooled=g.pooled,
+                         ttft_s=g.ttft_s, tpot_s=g.tpot_s, kv_tokens_on_base=g.kv_tokens_on_base) for g in gens]
+            os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
+            with open(args.metrics_json, "w") as f:
+                json.dump({"wall_s": wall, "world_size": groups.layout.world_size, "requests": rows}, f, indent=1)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg, layout, requests, texts, tok, resume = _preflight(args)
+    timeout_s = 60.0 * args.distributed_timeout_minutes
+    device = init_distributed(timeout_s=timeout_s)
+    monitor = LivenessMonitor(
+        rank=dist.get_rank(), world_size=layout.world_size,
+        describe_rank=lambda r: f"rank {r} ({layout.role_of(r).role})",
+    ).start()
+    log0("== layout ==\n" + layout.describe())
+    groups = initialize_parallel_groups(layout, timeout_s=timeout_s)
+    if groups.is_base:
+        _serve_base(args, cfg, groups, device, requests, texts, tok, resume)
+    elif groups.is_pool:
+        from megatron_fapool.attention.pool import PoolServer
+
+        stats = PoolServer(groups, device=device).serve()
+        print(f"[rank {dist.get_rank()}] pool rank for base rank {groups.role.serves}: {stats.served_forward}"
+              f" calls served, {stats.bytes_received / 1e6:.1f} MB in", flush=True)
+    dist.barrier()
+    monitor.stop()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))

@@ -1,0 +1,72 @@
+"""launch/infer.py: bad input is one line before any work; a real run serves mixed lengths with the pool."""
+
+import json
+import os
+import subprocess
+import sys
+
+from megatron_fapool.testing.distributed import find_free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+INFER = os.path.join(ROOT, "launch", "infer.py")
+TINY = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+
+def _rank0(args, world=4):
+    env = dict(_env(), WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
+    return subprocess.run([sys.executable, INFER, "--deepspeed_config", TINY, *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _error_line(proc) -> str:
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fapool: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_prompt_longer_than_the_model():
+    line = _error_line(_rank0(["--random-weights", "--prompt-lengths", "100", "5000", "--max-new-tokens", "4"]))
+    assert "request 1: prompt 5000 + 4 new tokens = 5004 exceeds the model's max_position_embeddings 4096" in line
+
+
+def test_empty_prompt():
+    assert "request 0: empty prompt" in _error_line(_rank0(["--random-weights", "--prompt", ""]))
+
+
+def test_no_prompt_and_no_weights():
+    assert "--prompt: no prompt given" in _error_line(_rank0(["--random-weights"]))
+    proc = _rank0(["--prompt", "x"])
+    assert proc.returncode == 2 and "one of the arguments --load --random-weights is required" in proc.stderr
+
+
+def test_checkpoint_of_another_shape(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000010").mkdir(parents=True)
+    from megatron_fapool.config import load_run_config
+    from megatron_fapool.training.checkpoint import model_shape
+
+    meta = {"iteration": 10, "model": dict(model_shape(load_run_config(TINY)), hidden_size=96)}
+    (ckpt / "iter_0000010" / "fapool_checkpoint.json").write_text(json.dumps(meta))
+    (ckpt / "latest").write_text("iter_0000010")
+    line = _error_line(_rank0(["--load", str(ckpt), "--prompt", "x"]))
+    assert "checkpoint of another model" in line and "hidden_size=96 (this run: 64)" in line
+
+
+def test_serves_a_mixed_batch_with_the_pool(tmp_path):
+    metrics = tmp_path / "m.json"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "4",
+           "--master_port", str(find_free_port()), INFER, "--deepspeed_config", TINY, "--random-weights",
+           "--prompt", "def main():", "--prompt-lengths", "300", "749", "--max-new-tokens", "5",
+           "--sampling", "--top-k", "20", "--metrics-json", str(metrics)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(metrics.read_text())["requests"]
+    assert [r["pooled"] for r in rows] == [False, True, True]  # threshold 128
+    assert all(r["new_tokens"] == 5 and r["ttft_s"] > 0 and r["tpot_s"] > 0 for r in rows)
+    assert "per length bucket" in proc.stdout and "512-2K: 1 requests" in proc.stdout
+    assert "pool rank for base rank 0:" in proc.stdout
