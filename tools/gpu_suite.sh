@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
 #   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
-# Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo
+# Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo infer-bench
 # `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
 # (megatron-core, deepspeed, pydantic) for an image that lacks them.
 set -uo pipefail
@@ -46,6 +46,11 @@ for s in "$@"; do
     train-demo)
       stage train-demo
       timeout 400 bash tools/gpu_train_demo.sh ${TRAIN_DEMO_ITERS:-80} || rc=1 ;;
+    infer-bench)
+      stage infer-bench
+      timeout 560 $PY tools/bench_inference.py --deepspeed_config configs/paper_dense_pool.json \
+        --lengths ${INFER_LENGTHS:-512 8192 32768 131072} --new-tokens ${INFER_NEW:-16} --timeout 150 \
+        --output "$OUT/bench_inference.json" --log-dir "$OUT/infer_logs" 2>&1 | tee "$OUT/infer_bench.log" || rc=1 ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
 done
