@@ -78,7 +78,8 @@ def run_one(args, strategy: str, n: int, workdir: str) -> dict:
     if proc.returncode != 0 or not os.path.exists(metrics):
         lines = (proc.stdout + proc.stderr).strip().splitlines()
         oom = any("out of memory" in line.lower() for line in lines)
-        reasons = [line for line in lines if line.startswith("fapool: error:") or "Error:" in line]
+        reasons = [line for line in lines if line.startswith("fapool: error:")] or [
+            line for line in lines if "Error:" in line and "ChildFailedError" not in line]
         row["error"] = "out of memory" if oom else (reasons[-1][:200] if reasons else f"exit {proc.returncode}")
         return row
     m = json.load(open(metrics))
