@@ -107,6 +107,14 @@ def _preflight(args):
         ckpt.check_compatible(resume[1], cfg, os.path.join(args.load, resume[0]))
     _, world, _ = world_from_env()
     layout = layout_from_config(cfg, world)
+    replicas = layout.num_base // (layout.tp * layout.pp)
+    if replicas != 1:
+        raise ConfigError(
+            "world size",
+            f"{world} ranks make {replicas} data-parallel replicas of the model; launch/infer.py serves one:"
+            f" launch TP x PP = {layout.tp * layout.pp} base ranks plus the pool ranks"
+            f" ({layout.tp * layout.pp + layout.pool_size} in all)",
+        )
     return cfg, layout, requests, texts, tok, resume
 
 

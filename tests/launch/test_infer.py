@@ -44,6 +44,17 @@ def test_no_prompt_and_no_weights():
     assert proc.returncode == 2 and "one of the arguments --load --random-weights is required" in proc.stderr
 
 
+def test_data_parallel_replicas_are_refused(tmp_path):
+    data = json.load(open(TINY))
+    data["fapool"]["model_yaml"] = os.path.join(ROOT, "configs", "models", "tiny_dense.yaml")
+    data["fapool"]["attention_pool"]["enabled"] = False
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    env = dict(_env(), WORLD_SIZE="4", RANK="0", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, INFER, "--deepspeed_config", str(tmp_path / "c.json"), "--random-weights",
+                           "--prompt", "x"], env=env, capture_output=True, text=True, timeout=120)
+    assert "4 ranks make 2 data-parallel replicas" in _error_line(proc)
+
+
 def test_checkpoint_of_another_shape(tmp_path):
     ckpt = tmp_path / "ckpt"
     (ckpt / "iter_0000010").mkdir(parents=True)
