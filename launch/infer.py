@@ -89,8 +89,12 @@ def _preflight(args):
     lm = cfg.model.language_model
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
-    if cfg.pipeline_model_parallel_size != 1:
-        raise ConfigError("pipeline_model_parallel_size", "launch/infer.py serves one pipeline stage (PP = 1)")
+    if cfg.pipeline_model_parallel_size != 1 and cfg.fapool.attention_pool.enabled:
+        raise ConfigError(
+            "pipeline_model_parallel_size",
+            "the attention pool is not served with pipeline stages yet: PP > 1 runs as the static baseline"
+            " (set fapool.attention_pool.enabled false) or use PP = 1 with the pool",
+        )
     prompts, texts, tok = _prompts(args, lm.vocab_size)
     from megatron_fapool.inference.generate import Request, RequestError, validate_requests
 
@@ -105,6 +109,9 @@ def _preflight(args):
         if resume is None:
             raise ConfigError("--load", f"no complete checkpoint in {args.load} (no 'latest' file)")
         ckpt.check_compatible(resume[1], cfg, os.path.join(args.load, resume[0]))
+    from megatron_fapool.models.gpt import check_runnable_here
+
+    check_runnable_here(cfg)
     _, world, _ = world_from_env()
     layout = layout_from_config(cfg, world)
     replicas = layout.num_base // (layout.tp * layout.pp)
@@ -180,7 +187,8 @@ def _serve_base(args, cfg, groups, device, requests, texts, tok, resume):
         _load_weights(model, args.load, resume[0], device)
         log0(f"== weights from {args.load}/{resume[0]} ==")
     kwargs = dict(vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings, device=device,
-                  tp_group=parallel_state.get_tensor_model_parallel_group(), greedy=not args.sampling,
+                  tp_group=parallel_state.get_tensor_model_parallel_group(),
+                  pp_group=parallel_state.get_pipeline_model_parallel_group(), greedy=not args.sampling,
                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                   token_limit=tok.vocab_size, stop_token=tok.eod if args.stop_at_eod else None)
     if args.warmup:

@@ -37,6 +37,9 @@ def _preflight(args):
     """All checks that need no process group: config, layout, batch sizes, checkpoint shape."""
     cfg = load_run_config(args.deepspeed_config, model_yaml=args.yaml_cfg)
     check_run(args, cfg)
+    from megatron_fapool.models.gpt import check_runnable_here
+
+    check_runnable_here(cfg)
     _, world, _ = world_from_env()
     layout = layout_from_config(cfg, world)
     dp = layout.num_base // (layout.tp * layout.pp)

@@ -11,6 +11,7 @@ the same GPUs and weights:
 
 * ``single`` - the base GPU alone (1 GPU, no pool);
 * ``tp2``    - static tensor parallelism over 2 GPUs, no pool;
+* ``pp2``    - static pipeline parallelism over 2 GPUs (2 stages, each its layers' KV cache), no pool;
 * ``pool``   - 1 base + 1 pool GPU: prefill through the pool above the threshold, KV
   cache sharded over both GPUs, decode merging their partial results.
 
@@ -37,7 +38,8 @@ sys.path.insert(0, ROOT)
 from megatron_fapool.config import ConfigError  # noqa: E402
 from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
 
-STRATEGIES = {"single": (1, 1, False), "tp2": (2, 2, False), "pool": (2, 1, True)}
+# name: (world size, tensor parallel, pool on, pipeline parallel)
+STRATEGIES = {"single": (1, 1, False, 1), "tp2": (2, 2, False, 1), "pp2": (2, 1, False, 2), "pool": (2, 1, True, 1)}
 
 
 def parse_args(argv=None):
@@ -58,13 +60,13 @@ def parse_args(argv=None):
 def run_one(args, strategy: str, n: int, workdir: str) -> dict:
     from bench_training import _variant  # the same JSON variants as the training benchmark
 
-    world, tp, pool = STRATEGIES[strategy]
+    world, tp, pool, pp = STRATEGIES[strategy]
     base = json.load(open(args.deepspeed_config))
     n = min(n, args.max_positions - args.new_tokens)  # the longest prompt the model can still extend
     cfg = os.path.join(workdir, f"{strategy}_{n}.json")
     with open(cfg, "w") as f:
         json.dump(_variant(base, os.path.dirname(os.path.abspath(args.deepspeed_config)), tp, pool, workdir,
-                           f"{strategy}_{n}"), f)
+                           f"{strategy}_{n}", pp=pp), f)
     metrics = os.path.join(workdir, f"{strategy}_{n}.out.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
            "--master_port", str(29300 + n % 97), os.path.join(ROOT, "launch", "infer.py"),

@@ -58,8 +58,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _variant(base: dict, json_dir: str, tp: int, pool: bool, workdir: str, name: str) -> dict:
-    """The JSON with this strategy's TP and pool; its model YAML copied without ``model_parallel``."""
+def _variant(base: dict, json_dir: str, tp: int, pool: bool, workdir: str, name: str, pp: int = 1) -> dict:
+    """The JSON with this strategy's TP, PP and pool; its model YAML copied without ``model_parallel``."""
     data = json.loads(json.dumps(base))
     fap = data["fapool"]
     model = yaml.safe_load(open(os.path.join(json_dir, fap["model_yaml"])))
@@ -67,7 +67,7 @@ def _variant(base: dict, json_dir: str, tp: int, pool: bool, workdir: str, name:
     fap["model_yaml"] = os.path.join(workdir, f"{name}.yaml")
     with open(fap["model_yaml"], "w") as f:
         yaml.safe_dump(model, f)
-    fap["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1}
+    fap["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
     cal = fap.get("attention_pool", {}).get("calibration_file")
     if cal and not os.path.isabs(cal):
         fap["attention_pool"]["calibration_file"] = os.path.join(json_dir, cal)

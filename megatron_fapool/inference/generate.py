@@ -3,7 +3,7 @@
 One forward per request and step (batch 1 per forward: each request has its own length,
 its own KV cache and, above the threshold, its own pool shards). Tensor-parallel ranks
 run the same loop in lockstep; their logits are gathered, so every rank picks the same
-token. Bad requests are refused before any work, so no cache is touched.
+token. Pipeline stages pass hidden states on and the last one broadcasts the token. Bad requests are refused before any work, so no cache is touched.
 """
 
 from __future__ import annotations
@@ -71,16 +71,42 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _last_logits(model, ids, position: int, device, tp_group) -> torch.Tensor:
-    pos = torch.arange(position, position + ids.shape[1], device=device)[None]
-    with rope_position(model, position):
-        logits = model(ids, pos, None)  # [1, s, vocab / tp]
-    last = logits[0, -1].float().contiguous()
+def _gather_tp(last: torch.Tensor, tp_group) -> torch.Tensor:
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         parts = [torch.empty_like(last) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(parts, last, group=tp_group)
         last = torch.cat(parts)
     return last
+
+
+def _next_token(model, ids, position: int, device, tp_group, pp_group, pick) -> int:
+    """One forward of ``ids`` starting at ``position``; the chosen next token, the same on every rank.
+
+    With pipeline stages, each stage receives the previous stage's hidden states, runs
+    its layers (each keeping its own KV cache) and passes them on; the last stage picks
+    the token and broadcasts it to the others.
+    """
+    pos = torch.arange(position, position + ids.shape[1], device=device)[None]
+    stages = dist.get_world_size(pp_group) if pp_group is not None else 1
+    if stages == 1:
+        with rope_position(model, position):
+            logits = model(ids, pos, None)  # [1, s, vocab / tp]
+        return _pick(_gather_tp(logits[0, -1].float().contiguous(), tp_group), **pick)
+    ranks = dist.get_process_group_ranks(pp_group)
+    stage = ranks.index(dist.get_rank())
+    if stage > 0:
+        hidden = torch.empty((ids.shape[1], 1, model.config.hidden_size), dtype=model.config.params_dtype, device=device)
+        dist.recv(hidden, src=ranks[stage - 1])
+        model.set_input_tensor(hidden)
+    with rope_position(model, position):
+        out = model(ids, pos, None)  # hidden states [s, 1, h], or logits [1, s, vocab / tp] on the last stage
+    token = torch.zeros(1, dtype=torch.long, device=device)
+    if stage < stages - 1:
+        dist.send(out.contiguous(), dst=ranks[stage + 1])
+    else:
+        token[0] = _pick(_gather_tp(out[0, -1].float().contiguous(), tp_group), **pick)
+    dist.broadcast(token, src=ranks[-1], group=pp_group)
+    return int(token)
 
 
 def _pick(logits, *, greedy: bool, temperature: float, top_k: int, generator, limit) -> int:
@@ -98,7 +124,7 @@ def _pick(logits, *, greedy: bool, temperature: float, top_k: int, generator, li
 
 @torch.no_grad()
 def generate(model, session, requests: list[Request], *, vocab_size: int, max_positions: int, device,
-             tp_group=None, greedy: bool = True, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+             tp_group=None, pp_group=None, greedy: bool = True, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
              stop_token: int | None = None, token_limit: int | None = None) -> list[Generation]:
     """Serve ``requests``; returns one :class:`Generation` per request, in order.
 
@@ -116,9 +142,9 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
         for r in requests:  # prefill
             ids = torch.tensor([r.prompt], dtype=torch.long, device=device)
             with session.step(r.id, "prefill"):
-                logits = _last_logits(model, ids, 0, device, tp_group)
+                token = _next_token(model, ids, 0, device, tp_group, pp_group, pick)
             out = results[r.id]
-            out.tokens.append(_pick(logits, **pick))
+            out.tokens.append(token)
             out.pooled = session.is_pooled(r.id)
             _sync(device)
             out.ttft_s = time.perf_counter() - start
@@ -129,8 +155,8 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
                 t0 = time.perf_counter()
                 ids = torch.tensor([[out.tokens[-1]]], dtype=torch.long, device=device)
                 with session.step(r.id, "decode"):
-                    logits = _last_logits(model, ids, out.prompt_len + len(out.tokens) - 1, device, tp_group)
-                out.tokens.append(_pick(logits, **pick))
+                    position = out.prompt_len + len(out.tokens) - 1
+                    out.tokens.append(_next_token(model, ids, position, device, tp_group, pp_group, pick))
                 _sync(device)
                 out.decode_s.append(time.perf_counter() - t0)
             live = [r for r in live if not _done(results[r.id], r, stop_token)]

@@ -9,7 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from ..config import ConfigError, RunConfig, to_transformer_config
 from .attention_selection import layer_spec_for
 
-__all__ = ["build_gpt_model", "transformer_config_for"]
+__all__ = ["build_gpt_model", "check_runnable_here", "transformer_config_for"]
 
 
 def transformer_config_for(run_config: RunConfig, **overrides):
@@ -22,6 +22,28 @@ def transformer_config_for(run_config: RunConfig, **overrides):
     return to_transformer_config(run_config.model.language_model, **kwargs)
 
 
+def check_runnable_here(run_config: RunConfig, *, pipeline_model_parallel_size: int | None = None) -> None:
+    """What megatron-core 0.16 can only build with CUDA, refused on a CPU-only machine (call before start-up)."""
+    if torch.cuda.is_available():
+        return
+    lm = run_config.model.language_model
+    if lm.position_embedding_type == "rope":
+        raise ConfigError(
+            "language_model.position_embedding_type",
+            "rope needs a GPU with megatron-core 0.16 (its RotaryEmbedding moves to torch.cuda.current_device());"
+            " use learned_absolute on CPU",
+            source=run_config.model_yaml_path,
+        )
+    pp = pipeline_model_parallel_size or run_config.pipeline_model_parallel_size
+    if pp > 1 and not lm.untie_embeddings_and_output_weights:
+        raise ConfigError(
+            "language_model.untie_embeddings_and_output_weights",
+            "tied input/output embeddings across pipeline stages need a GPU with megatron-core 0.16"
+            " (it copies them with .cuda()); set it to true on CPU",
+            source=run_config.model_yaml_path,
+        )
+
+
 def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, pool=None, **config_overrides) -> GPTModel:
     """``GPTModel`` for this base rank's pipeline stage (Megatron groups must exist).
 
@@ -29,13 +51,9 @@ def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, pool
     through ``pool`` when given): :func:`.attention_selection.layer_spec_for`.
     """
     lm = run_config.model.language_model
-    if lm.position_embedding_type == "rope" and not torch.cuda.is_available():
-        raise ConfigError(
-            "language_model.position_embedding_type",
-            "rope needs a GPU with megatron-core 0.16 (its RotaryEmbedding moves to torch.cuda.current_device());"
-            " use learned_absolute on CPU",
-            source=run_config.model_yaml_path,
-        )
+    pp = (config.pipeline_model_parallel_size if config is not None
+          else config_overrides.get("pipeline_model_parallel_size", run_config.pipeline_model_parallel_size))
+    check_runnable_here(run_config, pipeline_model_parallel_size=pp)
     config = config or transformer_config_for(run_config, **config_overrides)
     if layer_spec is None:
         layer_spec = layer_spec_for(run_config, pool)

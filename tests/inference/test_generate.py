@@ -19,20 +19,31 @@ PROMPTS = {1: 749, 2: 60, 3: 300}
 NEW = 6
 
 
+def _load(untie: bool = False):
+    """The tiny config; ``untie``: separate output weights (Megatron ties them across
+    pipeline stages with a CUDA-only copy, so the CPU pipeline test unties them)."""
+    from megatron_fapool.config import load_run_config
+
+    cfg = load_run_config(CONFIG)
+    if untie:
+        lm = cfg.model.language_model.model_copy(update={"untie_embeddings_and_output_weights": True})
+        cfg = dataclasses.replace(cfg, model=cfg.model.model_copy(update={"language_model": lm}))
+    return cfg
+
+
 def _prompts(vocab):
     g = torch.Generator().manual_seed(11)
     return {rid: torch.randint(0, vocab, (n,), generator=g).tolist() for rid, n in PROMPTS.items()}
 
 
-def _reference_body(rank, world):
+def _reference_body(rank, world, untie=False):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_fapool.config import load_run_config
     from megatron_fapool.models.gpt import transformer_config_for
     from megatron_fapool.testing.megatron_reference import cpu_reference_shims, megatron_reference_spec
 
-    cfg = load_run_config(CONFIG)
+    cfg = _load(untie)
     lm = cfg.model.language_model
     parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
     torch.manual_seed(7)
@@ -96,10 +107,61 @@ def _served_body(rank, world, reference, pool_on):
     return {"role": "base", "gens": [dataclasses.asdict(g) for g in out]}
 
 
+def _stage_state(full_state: dict, model, num_layers: int) -> dict:
+    """The reference's parameters under this pipeline stage's (local) names."""
+    from megatron.core import parallel_state
+
+    per_stage = num_layers // parallel_state.get_pipeline_model_parallel_world_size()
+    offset = parallel_state.get_pipeline_model_parallel_rank() * per_stage
+    out = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("decoder.layers."):
+            _, _, j, rest = name.split(".", 3)
+            out[name] = full_state[f"decoder.layers.{int(j) + offset}.{rest}"]
+        elif name == "output_layer.weight" and name not in full_state:  # tied to the embedding
+            out[name] = full_state["embedding.word_embeddings.weight"]
+        else:
+            out[name] = full_state[name]
+    return out
+
+
+def _pipeline_body(rank, world, reference):
+    """Static pipeline parallelism (PP 2, no pool): each stage keeps its own layers' KV cache."""
+    from megatron.core import parallel_state
+
+    from megatron_fapool.inference.generate import Request, generate
+    from megatron_fapool.inference.session import InferenceCoreAttention, InferenceSession
+    from megatron_fapool.models.gpt import build_gpt_model
+    from megatron_fapool.models.gpt_layer_specs import get_fapool_gpt_layer_spec
+    from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
+    from megatron_fapool.testing.megatron_reference import load_sharded
+
+    cfg = _load(untie=True)
+    pool_cfg = cfg.fapool.attention_pool.model_copy(update={"enabled": False})
+    cfg = dataclasses.replace(cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
+                              fapool=cfg.fapool.model_copy(update={"attention_pool": pool_cfg}))
+    initialize_parallel_groups(layout_from_config(cfg, world))
+    session = InferenceSession(None)
+    spec = get_fapool_gpt_layer_spec(core_attention=InferenceCoreAttention,
+                                     core_attention_params={"pool": None, "session": session})
+    model = build_gpt_model(cfg, layer_spec=spec)
+    lm = cfg.model.language_model
+    load_sharded(model, _stage_state(reference["state"], model, lm.num_layers), 0, 1)
+    requests = [Request(rid, p, NEW) for rid, p in _prompts(lm.vocab_size).items()]
+    out = generate(model, session, requests, vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings,
+                   device=torch.device("cpu"), pp_group=parallel_state.get_pipeline_model_parallel_group())
+    return {"tokens": {g.id: g.tokens for g in out}, "kv": {g.id: g.kv_tokens_on_base for g in out}}
+
+
 def test_greedy_generation_pool_equals_static_equals_megatron():
     reference = run_distributed(_reference_body, 1, timeout=240)[0]
     pooled = run_distributed(_served_body, 4, reference, True, timeout=300)
     static = run_distributed(_served_body, 2, reference, False, timeout=300)
+    untied = run_distributed(_reference_body, 1, True, timeout=240)[0]
+    pipeline = run_distributed(_pipeline_body, 2, untied, timeout=300)
+    for stage in pipeline:  # both stages end with the same tokens; each holds its own layer's K/V
+        assert stage["tokens"] == untied["tokens"]
+        assert stage["kv"][1] == PROMPTS[1] + NEW - 1
     for res in (pooled, static):
         for r in (x for x in res if x["role"] == "base"):
             got = {g["id"]: g["tokens"] for g in r["gens"]}
