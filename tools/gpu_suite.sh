@@ -49,7 +49,7 @@ for s in "$@"; do
     infer-bench)
       stage infer-bench
       timeout 560 $PY tools/bench_inference.py --deepspeed_config configs/paper_dense_pool.json \
-        --lengths ${INFER_LENGTHS:-512 8192 32768 131072} --new-tokens ${INFER_NEW:-16} --timeout 150 \
+        --lengths ${INFER_LENGTHS:-512 8192 32768 131072} --new-tokens ${INFER_NEW:-16} --timeout 150 --strategies ${INFER_STRATEGIES:-single tp2 pp2 pool} \
         --output "$OUT/bench_inference.json" --log-dir "$OUT/infer_logs" 2>&1 | tee "$OUT/infer_bench.log" || rc=1 ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
