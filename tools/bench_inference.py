@@ -27,19 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron_fapool.benchmarking import STRATEGIES, launch, write_strategy_config  # noqa: E402
 from megatron_fapool.config import ConfigError  # noqa: E402
 from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
 
-# name: (world size, tensor parallel, pool on, pipeline parallel)
-STRATEGIES = {"single": (1, 1, False, 1), "tp2": (2, 2, False, 1), "pp2": (2, 1, False, 2), "pool": (2, 1, True, 1)}
 
 
 def parse_args(argv=None):
@@ -58,34 +55,20 @@ def parse_args(argv=None):
 
 
 def run_one(args, strategy: str, n: int, workdir: str) -> dict:
-    from bench_training import _variant  # the same JSON variants as the training benchmark
-
-    world, tp, pool, pp = STRATEGIES[strategy]
-    base = json.load(open(args.deepspeed_config))
+    st = STRATEGIES[strategy]
     n = min(n, args.max_positions - args.new_tokens)  # the longest prompt the model can still extend
-    cfg = os.path.join(workdir, f"{strategy}_{n}.json")
-    with open(cfg, "w") as f:
-        json.dump(_variant(base, os.path.dirname(os.path.abspath(args.deepspeed_config)), tp, pool, workdir,
-                           f"{strategy}_{n}", pp=pp), f)
+    cfg = write_strategy_config(args.deepspeed_config, st, workdir, f"{strategy}_{n}")
     metrics = os.path.join(workdir, f"{strategy}_{n}.out.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", str(29300 + n % 97), os.path.join(ROOT, "launch", "infer.py"),
-           "--deepspeed_config", cfg, "--random-weights", "--prompt-lengths", *[str(n)] * args.batch,
-           "--max-new-tokens", str(args.new_tokens), "--warmup", "--metrics-json", metrics]
-    t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    if args.log_dir:
-        os.makedirs(args.log_dir, exist_ok=True)
-        with open(os.path.join(args.log_dir, f"{strategy}_{n}.log"), "w") as f:
-            f.write(proc.stdout + proc.stderr)
-    row = {"strategy": strategy, "n": n, "gpus": world, "batch": args.batch, "wall_s": time.perf_counter() - t0}
-    if proc.returncode != 0 or not os.path.exists(metrics):
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
-        oom = any("out of memory" in line.lower() for line in lines)
-        reasons = [line for line in lines if line.startswith("fapool: error:")] or [
-            line for line in lines if "Error:" in line and "ChildFailedError" not in line]
-        row["error"] = "out of memory" if oom else (reasons[-1][:200] if reasons else f"exit {proc.returncode}")
+    wall, error = launch(
+        "infer.py", st.gpus,
+        ["--deepspeed_config", cfg, "--random-weights", "--prompt-lengths", *[str(n)] * args.batch,
+         "--max-new-tokens", str(args.new_tokens), "--warmup", "--metrics-json", metrics],
+        port=29300 + n % 97, timeout=args.timeout,
+        log_path=os.path.join(args.log_dir, f"{strategy}_{n}.log") if args.log_dir else None,
+    )
+    row = {"strategy": strategy, "n": n, "gpus": st.gpus, "batch": args.batch, "wall_s": wall}
+    if error or not os.path.exists(metrics):
+        row["error"] = error or "no metrics written"
         return row
     m = json.load(open(metrics))
     reqs = m["requests"]
@@ -150,7 +133,6 @@ def main(argv=None) -> int:
         return 0
     if not args.deepspeed_config:
         raise ConfigError("--deepspeed_config", "required (unless --plot-only)")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from megatron_fapool.config import load_run_config
 
     args.max_positions = load_run_config(args.deepspeed_config).model.language_model.max_position_embeddings

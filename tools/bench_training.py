@@ -23,25 +23,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron_fapool.benchmarking import STRATEGIES, launch, write_strategy_config  # noqa: E402
 from megatron_fapool.config import ConfigError, load_deepspeed_json  # noqa: E402
 from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
 
-STRATEGIES = {
-    # name: (world size, tensor parallel, pool on)
-    "single": (1, 1, False),
-    "tp2": (2, 2, False),
-    "pool": (2, 1, True),
-}
 
 
 def parse_args(argv=None):
@@ -49,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, help="DeepSpeed JSON with a fapool section")
     p.add_argument("--data-path", required=True, help="indexed dataset prefix (tools/preprocess_data.py)")
     p.add_argument("--seq-lengths", type=int, nargs="+", default=[16384, 65536])
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    p.add_argument("--strategies", nargs="+", default=["single", "tp2", "pool"], choices=["single", "tp2", "pool"])
     p.add_argument("--train-iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2, help="iterations left out of the timing")
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
@@ -58,50 +50,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _variant(base: dict, json_dir: str, tp: int, pool: bool, workdir: str, name: str, pp: int = 1) -> dict:
-    """The JSON with this strategy's TP, PP and pool; its model YAML copied without ``model_parallel``."""
-    data = json.loads(json.dumps(base))
-    fap = data["fapool"]
-    model = yaml.safe_load(open(os.path.join(json_dir, fap["model_yaml"])))
-    model.pop("model_parallel", None)
-    fap["model_yaml"] = os.path.join(workdir, f"{name}.yaml")
-    with open(fap["model_yaml"], "w") as f:
-        yaml.safe_dump(model, f)
-    fap["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
-    cal = fap.get("attention_pool", {}).get("calibration_file")
-    if cal and not os.path.isabs(cal):
-        fap["attention_pool"]["calibration_file"] = os.path.join(json_dir, cal)
-    fap.setdefault("attention_pool", {})["enabled"] = pool
-    if pool:
-        fap["attention_pool"]["pool_size"] = 1
-    return data
-
-
-def run_one(args, base, json_dir, strategy: str, n: int, workdir: str) -> dict:
-    world, tp, pool = STRATEGIES[strategy]
-    cfg_path = os.path.join(workdir, f"{strategy}_{n}.json")
-    with open(cfg_path, "w") as f:
-        json.dump(_variant(base, json_dir, tp, pool, workdir, f"{strategy}_{n}"), f)
+def run_one(args, strategy: str, n: int, workdir: str) -> dict:
+    st = STRATEGIES[strategy]
+    cfg = write_strategy_config(args.deepspeed_config, st, workdir, f"{strategy}_{n}")
     metrics = os.path.join(workdir, f"{strategy}_{n}.jsonl")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(29400 + n % 97),
-        os.path.join(ROOT, "launch", "train.py"), "--deepspeed_config", cfg_path, "--data-path", args.data_path,
-        "--data-mode", "packed", "--seq-length", str(n), "--train-iters", str(args.train_iters),
-        "--log-interval", "1", "--metrics-file", metrics,
-    ]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))))
-    if args.log_dir:
-        os.makedirs(args.log_dir, exist_ok=True)
-        with open(os.path.join(args.log_dir, f"{strategy}_{n}.log"), "w") as f:
-            f.write(proc.stdout + proc.stderr)
-    row = {"strategy": strategy, "n": n, "gpus": world, "wall_s": time.perf_counter() - t0}
-    if proc.returncode != 0 or not os.path.exists(metrics):
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
-        oom = any("out of memory" in line.lower() for line in lines)
-        reasons = [line for line in lines if line.startswith("fapool: error:")] or [
-            line for line in lines if "Error:" in line and "ChildFailedError" not in line]
-        row["error"] = "out of memory" if oom else (reasons[-1][:200] if reasons else f"exit {proc.returncode}")
+    wall, error = launch(
+        "train.py", st.gpus,
+        ["--deepspeed_config", cfg, "--data-path", args.data_path, "--data-mode", "packed", "--seq-length", str(n),
+         "--train-iters", str(args.train_iters), "--log-interval", "1", "--metrics-file", metrics],
+        port=29400 + n % 97, timeout=args.timeout,
+        log_path=os.path.join(args.log_dir, f"{strategy}_{n}.log") if args.log_dir else None,
+    )
+    row = {"strategy": strategy, "n": n, "gpus": st.gpus, "wall_s": wall}
+    if error or not os.path.exists(metrics):
+        row["error"] = error or "no metrics written"
         return row
     rows = [json.loads(line) for line in open(metrics)]
     timed = [r for r in rows if r["iteration"] > args.warmup] or rows
@@ -109,7 +71,7 @@ def run_one(args, base, json_dir, strategy: str, n: int, workdir: str) -> dict:
     tokens = statistics.median(r["tokens"] for r in timed)
     flops = statistics.median(r["flops"] for r in timed)
     row.update(
-        step_s=step, tokens_per_s=tokens / step, tflops_per_gpu=flops / step / world / 1e12,
+        step_s=step, tokens_per_s=tokens / step, tflops_per_gpu=flops / step / st.gpus / 1e12,
         pooled=sum(r["pooled_micro_batches"] for r in timed), micro_batches=sum(r["micro_batches"] for r in timed),
         loss_last=rows[-1]["loss"],
     )
@@ -137,22 +99,20 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    base = load_deepspeed_json(args.deepspeed_config)
-    if "fapool" not in base:
+    if "fapool" not in load_deepspeed_json(args.deepspeed_config):
         raise ConfigError("fapool", "section missing", source=args.deepspeed_config)
     for ext in (".bin", ".idx"):
         if not os.path.isfile(args.data_path + ext):
             raise ConfigError("--data-path", f"{args.data_path}{ext} not found: build it with tools/preprocess_data.py")
     if args.warmup >= args.train_iters:
         raise ConfigError("--warmup", f"{args.warmup} leaves no timed iteration of --train-iters {args.train_iters}")
-    json_dir = os.path.dirname(os.path.abspath(args.deepspeed_config))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_training_") as workdir:
         total = len(args.seq_lengths) * len(args.strategies)
         for n in args.seq_lengths:
             for s in args.strategies:
                 print(f"[{len(rows) + 1}/{total}] {s} at {n} tokens ...", flush=True)
-                row = run_one(args, base, json_dir, s, n, workdir)
+                row = run_one(args, s, n, workdir)
                 rows.append(row)
                 msg = row.get("error") or f"{row['step_s'] * 1e3:.0f} ms/step, {row['tflops_per_gpu']:.1f} TFLOP/s per GPU"
                 print(f"    {msg} ({row['wall_s']:.0f}s)", flush=True)
