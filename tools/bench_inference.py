@@ -38,7 +38,6 @@ from megatron_fapool.config import ConfigError  # noqa: E402
 from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed_config", "--deepspeed-config", help="DeepSpeed JSON with a fapool section")

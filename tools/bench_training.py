@@ -26,14 +26,12 @@ import statistics
 import sys
 import tempfile
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_fapool.benchmarking import STRATEGIES, launch, write_strategy_config  # noqa: E402
 from megatron_fapool.config import ConfigError, load_deepspeed_json  # noqa: E402
 from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
-
 
 
 def parse_args(argv=None):

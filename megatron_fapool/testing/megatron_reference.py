@@ -14,7 +14,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-__all__ = ["cpu_reference_shims", "full_from_shard", "load_sharded", "megatron_reference_spec"]
+__all__ = ["cpu_reference_shims", "full_from_shard", "load_sharded", "megatron_reference_spec", "reference_gpt_model"]
 
 
 class _CPUMemoryBuffer:
@@ -50,6 +50,27 @@ def megatron_reference_spec(normalization: str = "RMSNorm"):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(normalization=normalization)
+
+
+def reference_gpt_model(run_config, *, seed: int = 7):
+    """Megatron's ``GPTModel`` of ``run_config`` at TP 1 with Megatron's local spec, in this single process.
+
+    Initialises Megatron's groups for a world of one; run it inside :func:`cpu_reference_shims`.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from ..models.gpt import transformer_config_for
+
+    lm = run_config.model.language_model
+    parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    torch.manual_seed(seed)
+    return GPTModel(
+        transformer_config_for(run_config, tensor_model_parallel_size=1), megatron_reference_spec(),
+        vocab_size=lm.vocab_size, max_sequence_length=lm.max_position_embeddings,
+        position_embedding_type=lm.position_embedding_type,
+        share_embeddings_and_output_weights=not lm.untie_embeddings_and_output_weights,
+    )
 
 
 def _partition(param) -> tuple[bool, int]:

@@ -37,21 +37,11 @@ def _prompts(vocab):
 
 
 def _reference_body(rank, world, untie=False):
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
-    from megatron_fapool.models.gpt import transformer_config_for
-    from megatron_fapool.testing.megatron_reference import cpu_reference_shims, megatron_reference_spec
+    from megatron_fapool.testing.megatron_reference import cpu_reference_shims, reference_gpt_model
 
     cfg = _load(untie)
     lm = cfg.model.language_model
-    parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-    torch.manual_seed(7)
-    model = GPTModel(
-        transformer_config_for(cfg, tensor_model_parallel_size=1), megatron_reference_spec(), vocab_size=lm.vocab_size,
-        max_sequence_length=lm.max_position_embeddings, position_embedding_type=lm.position_embedding_type,
-        share_embeddings_and_output_weights=not lm.untie_embeddings_and_output_weights,
-    ).eval()
+    model = reference_gpt_model(cfg).eval()
     tokens = {}
     with cpu_reference_shims(), torch.no_grad():
         for rid, prompt in _prompts(lm.vocab_size).items():

@@ -40,22 +40,12 @@ def _run_case(model, n, seed, vocab):
 
 
 def _reference_body(rank, world, cases):
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
     from megatron_fapool.config import load_run_config
-    from megatron_fapool.models.gpt import transformer_config_for
-    from megatron_fapool.testing.megatron_reference import cpu_reference_shims, megatron_reference_spec
+    from megatron_fapool.testing.megatron_reference import cpu_reference_shims, reference_gpt_model
 
     cfg = load_run_config(CONFIG)
     lm = cfg.model.language_model
-    parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-    torch.manual_seed(7)
-    model = GPTModel(
-        transformer_config_for(cfg, tensor_model_parallel_size=1), megatron_reference_spec(), vocab_size=lm.vocab_size,
-        max_sequence_length=lm.max_position_embeddings, position_embedding_type=lm.position_embedding_type,
-        share_embeddings_and_output_weights=not lm.untie_embeddings_and_output_weights,
-    )
+    model = reference_gpt_model(cfg)
     out = {"state": {k: v.detach().clone() for k, v in model.named_parameters()}, "cases": []}
     with cpu_reference_shims():
         for n, _ in cases:
