@@ -89,8 +89,12 @@ class PoolClient:
         self._live: set[int] = set()
 
     # -- control ------------------------------------------------------------------------
-    def _send_header(self, header: Header, device) -> None:
-        t = header.to_tensor(device)
+    def send_header(self, device, **fields) -> None:
+        """Broadcast a control header to every pool rank of this base rank.
+
+        Every header carries ``drop_before``: the pool may free the saved state of older calls.
+        """
+        t = Header(drop_before=self._drop_before(), **fields).to_tensor(device)
         dist.broadcast(t, src=self.rank, group=self.control_group)
         self.stats.bytes_sent += _nbytes(t)
 
@@ -124,7 +128,7 @@ class PoolClient:
     def shutdown(self, device) -> None:
         """Tell every pool rank of this base rank to leave its serving loop."""
         if self.control_group is not None:
-            self._send_header(Header(op=Op.SHUTDOWN), device)
+            self.send_header(device, op=Op.SHUTDOWN)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, q, k, v, *, active: int, causal: bool, softmax_scale: float, save: bool):
@@ -141,13 +145,12 @@ class PoolClient:
         plan = zigzag_plan(n, members, causal)
         group = self.groups.attention_group(self.rank, active)
         call_id = self.open_call(save)
-        header = Header(
-            op=Op.FORWARD, call_id=call_id, drop_before=self._drop_before(), n=n, batch=b, heads=h,
+        self.send_header(
+            q.device, op=Op.FORWARD, call_id=call_id, n=n, batch=b, heads=h,
             kv_heads=hk, head_dim=d, dtype=DTYPES.index(q.dtype), causal=int(causal), members=members,
             kv_chunk=self.kv_chunk, save=int(save), scale_bits=Header.scale_to_bits(softmax_scale),
             backend=ATTENTION_BACKENDS.index(self.backend),
         )
-        self._send_header(header, q.device)
 
         # 1. queries: scatter each member's two chunks
         qbuf = pack_member_chunks(q, plan)
@@ -185,9 +188,7 @@ class PoolClient:
         members = plan.members
         group = self.groups.attention_group(self.rank, members - 1)
         # this call's state stays live on the pool until its backward header has been read
-        self._send_header(
-            Header(op=Op.BACKWARD, call_id=call_id, drop_before=self._drop_before(), members=members), q.device
-        )
+        self.send_header(q.device, op=Op.BACKWARD, call_id=call_id, members=members)
         self.close_call(call_id)
         dbuf = pack_member_chunks(dout.contiguous(), plan)
         my_d = torch.empty_like(dbuf[0])

@@ -222,13 +222,12 @@ def _heads_forward(client, q, k, v, *, active, br: _Branches, head_offset, total
     group = client.groups.attention_group(client.rank, active)
     call_id = client.open_call(save)
     params = _params_tensor(head_offset, total_heads, br.segment_lengths, br.dilation_rates, q.device)
-    header = Header(
-        op=Op.HEADS_FORWARD, call_id=call_id, drop_before=client._drop_before(), n=n, batch=b, heads=h,
+    client.send_header(
+        q.device, op=Op.HEADS_FORWARD, call_id=call_id, n=n, batch=b, heads=h,
         kv_heads=hk, head_dim=d, dtype=DTYPES.index(q.dtype), causal=int(br.causal), members=members,
         save=int(save), scale_bits=Header.scale_to_bits(br.softmax_scale),
         backend=ATTENTION_BACKENDS.index(br.backend), extra=params.numel(),
     )
-    client._send_header(header, q.device)
     dist.broadcast(params, src=client.rank, group=group)
     client.stats.bytes_sent += _nbytes(params) * active
 
@@ -273,10 +272,7 @@ def _heads_backward(client, dout, state: _BaseState):
     members = split.members
     b, n, d = state.shape
     group = client.groups.attention_group(client.rank, members - 1)
-    client._send_header(
-        Header(op=Op.HEADS_BACKWARD, call_id=state.call_id, drop_before=client._drop_before(), members=members),
-        dout.device,
-    )
+    client.send_header(dout.device, op=Op.HEADS_BACKWARD, call_id=state.call_id, members=members)
     client.close_call(state.call_id)
     # 1. dO of each member's heads
     olen = max(split.out_payload(m, b, n, d) for m in range(members))

@@ -146,11 +146,8 @@ class PoolKVCache:
     def _group(self, members: int):
         return self.client.groups.attention_group(self.client.rank, members - 1)
 
-    def _member_rank(self, members: int, j: int) -> int:
+    def _member_rank(self, j: int) -> int:
         return self.client.pool_ranks[j - 1] if j else self.client.rank
-
-    def _header(self, **kw) -> Header:
-        return Header(drop_before=self.client._drop_before(), **kw)
 
     def tokens_held(self, request: int) -> int:
         """Tokens of ``request`` this base rank holds (all layers)."""
@@ -179,10 +176,10 @@ class PoolKVCache:
     def _store(self, request, layer, k, v, members, bounds):
         n, hk, d = k.shape
         pad = max(hi - lo for lo, hi in bounds)
-        self.client._send_header(self._header(
-            op=Op.KV_STORE, call_id=request, n=n, layer=layer, kv_heads=hk, head_dim=d,
+        self.client.send_header(
+            k.device, op=Op.KV_STORE, call_id=request, n=n, layer=layer, kv_heads=hk, head_dim=d,
             dtype=DTYPES.index(k.dtype), members=members,
-        ), k.device)
+        )
         buf = k.new_zeros((members, pad, 2, hk, d))
         for j, (lo, hi) in enumerate(bounds):
             buf[j, : hi - lo, 0], buf[j, : hi - lo, 1] = k[lo:hi], v[lo:hi]
@@ -213,11 +210,10 @@ class PoolKVCache:
         hq, d = q.shape
         hk = k_new.shape[0]
         group = self._group(members)
-        self.client._send_header(self._header(
-            op=Op.KV_DECODE, call_id=request, layer=layer, heads=hq, kv_heads=hk, head_dim=d,
-            dtype=DTYPES.index(q.dtype), members=members, extra=owner,
-            scale_bits=Header.scale_to_bits(scale),
-        ), q.device)
+        self.client.send_header(
+            q.device, op=Op.KV_DECODE, call_id=request, layer=layer, heads=hq, kv_heads=hk, head_dim=d,
+            dtype=DTYPES.index(q.dtype), members=members, extra=owner, scale_bits=Header.scale_to_bits(scale),
+        )
         qc = q.contiguous()
         dist.broadcast(qc, src=self.client.rank, group=group)
         self.client.stats.bytes_sent += _nbytes(qc) * (members - 1)
@@ -225,7 +221,7 @@ class PoolKVCache:
             self.local.shards[(request, layer)].append(k_new, v_new)
         else:
             kv = torch.stack((k_new, v_new)).contiguous()
-            dist.send(kv, dst=self._member_rank(members, owner), group=group)
+            dist.send(kv, dst=self._member_rank(owner), group=group)
             self.client.stats.bytes_sent += _nbytes(kv)
         shard = self.local.shards[(request, layer)]
         out, lse = decode_partial(qc, shard.k, shard.v, softmax_scale=scale, backend=self.backend)
@@ -244,7 +240,7 @@ class PoolKVCache:
         if req is None:
             return
         self.local.free(request)
-        self.client._send_header(self._header(op=Op.KV_FREE, call_id=request, members=req.members), self._device)
+        self.client.send_header(self._device, op=Op.KV_FREE, call_id=request, members=req.members)
 
 
 # -- pool side ---------------------------------------------------------------------
