@@ -1,0 +1,62 @@
+"""DeepSpeed's group-less collectives are sent to the base ranks' group (checked against DeepSpeed's own comm.py)."""
+
+import torch
+
+from megatron_fapool.training.deepspeed_world import _BaseRanksBackend
+
+BASE = object()  # stands for the base ranks' process group
+
+
+class _Recorder:
+    """A stand-in for DeepSpeed's TorchBackend that records what it was asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    def is_initialized(self):
+        return True
+
+    def has_all_gather_into_tensor(self):
+        return True
+
+    def has_reduce_scatter_tensor(self):
+        return True
+
+    def __getattr__(self, name):
+        def record(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+        return record
+
+
+def _group_of(call):
+    name, args, kwargs = call
+    if "group" in kwargs:
+        return kwargs["group"]
+    pos = {"all_reduce": 2, "all_reduce_coalesced": 2, "inference_all_reduce": 2, "get_rank": 0}[name]
+    return args[pos]
+
+
+def test_groupless_collectives_go_to_the_base_ranks(monkeypatch):
+    import deepspeed.comm as ds
+    from deepspeed.comm import comm as impl
+
+    rec = _Recorder()
+    monkeypatch.setattr(impl, "cdb", _BaseRanksBackend(rec, BASE, num_base=2))
+    t = torch.zeros(4)
+    ds.barrier()
+    ds.all_reduce(t)
+    ds.all_reduce_coalesced([t])
+    ds.broadcast(t, src=0)
+    ds.all_gather_into_tensor(torch.zeros(8), t)
+    ds.reduce_scatter_tensor(torch.zeros(2), t)
+    ds.get_rank()
+    assert ds.get_world_size() == 2 and ds.get_world_group() is BASE
+    names = [c[0] for c in rec.calls]
+    assert {"barrier", "all_reduce", "all_reduce_coalesced", "broadcast", "all_gather_into_tensor",
+            "reduce_scatter_tensor", "get_rank"} <= set(names), names
+    for call in rec.calls:
+        assert _group_of(call) is BASE, call
+    # an explicit group is left alone
+    other = object()
+    ds.all_reduce(t, group=other)
+    assert _group_of(rec.calls[-1]) is other
