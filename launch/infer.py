@@ -10,8 +10,10 @@ one, same model shape and TP) or are random (``--random-weights``, for benchmark
 Prompts are text (byte tokenizer), files, or random token ids of given lengths; a batch
 may mix short and long ones. Every prompt is prefilled (through the pool above the
 threshold, whose ranks then keep that request's K/V sharded along the sequence), then
-decoded round-robin, greedy or sampled. Printed per request and per length bucket
-(512-2K, 2K-8K, 8K-32K, 32K+): TTFT, TPOT and TPS (input + output tokens per second).
+decoded in batches (``--decode-batch`` requests per forward, default all), greedy or
+sampled. Printed per request and per length bucket (512-2K, 2K-8K, 8K-32K, 32K+):
+TTFT, TPOT and TPS (input + output tokens per second). ``--sweep 8192x1 8192x4 ...``
+serves one batch per item (random prompts) with the same model, for benchmarks.
 """
 
 from __future__ import annotations
@@ -52,17 +54,46 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--stop-at-eod", action="store_true", help="end a request at the end-of-document token")
-    p.add_argument("--warmup", action="store_true", help="serve the batch once untimed first (kernels, allocator)")
+    p.add_argument("--decode-batch", type=int, default=0,
+                   help="requests per decode forward (default 0: every request still generating)")
+    p.add_argument("--sweep", nargs="+", default=[], metavar="LENxBATCH",
+                   help="benchmark: serve BATCH random prompts of LEN tokens, for each item in turn, with one"
+                        " model (e.g. 8192x1 8192x4 131072x1); instead of prompts")
+    p.add_argument("--warmup", action="store_true", help="serve each batch once untimed first (kernels, allocator)")
     p.add_argument("--metrics-json", default=None, help="write per-request metrics here (rank 0)")
     p.add_argument("--distributed-timeout-minutes", type=int, default=10)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     return p.parse_args(argv)
 
 
-def _prompts(args, vocab_size: int):
+def _random_prompts(lengths, vocab_size: int, tok, g) -> tuple[list, list]:
+    prompts, texts = [], []
+    for n in lengths:
+        prompts.append(torch.randint(0, min(vocab_size, tok.vocab_size - 1), (n,), generator=g).tolist())
+        texts.append(f"<{n} random tokens>")
+    return prompts, texts
+
+
+def _parse_sweep(items) -> list[tuple[int, int]]:
+    out = []
+    for item in items:
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError("--sweep", f"{item!r}: expected LENxBATCH with positive integers, e.g. 8192x4")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def _workloads(args, vocab_size: int):
+    """``[(name, prompts, texts)]``: the one batch of the given prompts, or one per ``--sweep`` item."""
     from megatron_fapool.data import ByteTokenizer
 
     tok = ByteTokenizer()
+    g = torch.Generator().manual_seed(args.seed)
+    if args.sweep:
+        if args.prompt or args.prompt_file or args.prompt_lengths:
+            raise ConfigError("--sweep", "replaces the prompts: drop --prompt, --prompt-file and --prompt-lengths")
+        return [(f"{n}x{b}", *_random_prompts([n] * b, vocab_size, tok, g)) for n, b in _parse_sweep(args.sweep)], tok
     prompts, texts = [], []
     for text in args.prompt:
         prompts.append(tok.tokenize(text))
@@ -73,15 +104,14 @@ def _prompts(args, vocab_size: int):
         text = open(path, encoding="utf-8", errors="replace").read()
         prompts.append(tok.tokenize(text))
         texts.append(f"<{path}>")
-    g = torch.Generator().manual_seed(args.seed)
     for n in args.prompt_lengths:
         if n < 1:
             raise ConfigError("--prompt-lengths", f"{n}: a prompt needs at least one token")
-        prompts.append(torch.randint(0, min(vocab_size, tok.vocab_size - 1), (n,), generator=g).tolist())
-        texts.append(f"<{n} random tokens>")
+    more, more_texts = _random_prompts(args.prompt_lengths, vocab_size, tok, g)
+    prompts, texts = prompts + more, texts + more_texts
     if not prompts:
-        raise ConfigError("--prompt", "no prompt given: use --prompt, --prompt-file or --prompt-lengths")
-    return prompts, texts, tok
+        raise ConfigError("--prompt", "no prompt given: use --prompt, --prompt-file, --prompt-lengths or --sweep")
+    return [("batch", prompts, texts)], tok
 
 
 def _preflight(args):
@@ -89,20 +119,25 @@ def _preflight(args):
     lm = cfg.model.language_model
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+    if args.decode_batch < 0:
+        raise ConfigError("--decode-batch", f"must be >= 0 (0: all live requests), got {args.decode_batch}")
     if cfg.pipeline_model_parallel_size != 1 and cfg.fapool.attention_pool.enabled:
         raise ConfigError(
             "pipeline_model_parallel_size",
             "the attention pool is not served with pipeline stages yet: PP > 1 runs as the static baseline"
             " (set fapool.attention_pool.enabled false) or use PP = 1 with the pool",
         )
-    prompts, texts, tok = _prompts(args, lm.vocab_size)
+    workloads, tok = _workloads(args, lm.vocab_size)
     from megatron_fapool.inference.generate import Request, RequestError, validate_requests
 
-    requests = [Request(i, p, args.max_new_tokens) for i, p in enumerate(prompts)]
-    try:
-        validate_requests(requests, vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings)
-    except RequestError as e:
-        raise ConfigError("--prompt", str(e)) from None
+    batches = []
+    for name, prompts, texts in workloads:
+        requests = [Request(i, p, args.max_new_tokens) for i, p in enumerate(prompts)]
+        try:
+            validate_requests(requests, vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings)
+        except RequestError as e:
+            raise ConfigError("--sweep" if args.sweep else "--prompt", f"{name}: {e}" if args.sweep else str(e)) from None
+        batches.append((name, requests, texts))
     resume = None
     if args.load:
         resume = ckpt.find_checkpoint(args.load)
@@ -122,7 +157,7 @@ def _preflight(args):
             f" launch TP x PP = {layout.tp * layout.pp} base ranks plus the pool ranks"
             f" ({layout.tp * layout.pp + layout.pool_size} in all)",
         )
-    return cfg, layout, requests, texts, tok, resume
+    return cfg, layout, batches, tok, resume
 
 
 def _load_weights(model, load_dir: str, tag: str, device) -> None:
@@ -160,7 +195,7 @@ def _report(gens, texts, tok, wall_s: float) -> str:
     return "\n".join(lines)
 
 
-def _serve_base(args, cfg, groups, device, requests, texts, tok, resume):
+def _serve_base(args, cfg, groups, device, batches, tok, resume):
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_fapool.attention.pool import AttentionPool
@@ -189,28 +224,34 @@ def _serve_base(args, cfg, groups, device, requests, texts, tok, resume):
     kwargs = dict(vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings, device=device,
                   tp_group=parallel_state.get_tensor_model_parallel_group(),
                   pp_group=parallel_state.get_pipeline_model_parallel_group(), greedy=not args.sampling,
-                  temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                  temperature=args.temperature, top_k=args.top_k, seed=args.seed, decode_batch=args.decode_batch,
                   token_limit=tok.vocab_size, stop_token=tok.eod if args.stop_at_eod else None)
-    if args.warmup:
-        generate(model, session, requests, **kwargs)
-    t0 = time.perf_counter()
-    gens = generate(model, session, requests, **kwargs)
-    wall = time.perf_counter() - t0
+    results = []
+    for i, (name, requests, texts) in enumerate(batches):
+        if len(batches) > 1:
+            log0(f"== workload {i + 1}/{len(batches)}: {name} ==")
+        if args.warmup:
+            generate(model, session, requests, **kwargs)
+        t0 = time.perf_counter()
+        gens = generate(model, session, requests, **kwargs)
+        wall = time.perf_counter() - t0
+        if dist.get_rank() == 0:
+            print(_report(gens, texts, tok, wall), flush=True)
+        rows = [dict(id=g.id, prompt_len=g.prompt_len, new_tokens=len(g.tokens), pooled=g.pooled, ttft_s=g.ttft_s,
+                     tpot_s=g.tpot_s, decode_s=g.decode_s, kv_tokens_on_base=g.kv_tokens_on_base) for g in gens]
+        results.append({"name": name, "wall_s": wall, "requests": rows})
     if pool is not None:
         pool.shutdown(device)
-    if dist.get_rank() == 0:
-        print(_report(gens, texts, tok, wall), flush=True)
-        if args.metrics_json:
-            rows = [dict(id=g.id, prompt_len=g.prompt_len, new_tokens=len(g.tokens), pooled=g.pooled,
-                         ttft_s=g.ttft_s, tpot_s=g.tpot_s, kv_tokens_on_base=g.kv_tokens_on_base) for g in gens]
-            os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
-            with open(args.metrics_json, "w") as f:
-                json.dump({"wall_s": wall, "world_size": groups.layout.world_size, "requests": rows}, f, indent=1)
+    if dist.get_rank() == 0 and args.metrics_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
+        with open(args.metrics_json, "w") as f:
+            json.dump({"world_size": groups.layout.world_size, "decode_batch": args.decode_batch,
+                       "workloads": results}, f, indent=1)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg, layout, requests, texts, tok, resume = _preflight(args)
+    cfg, layout, batches, tok, resume = _preflight(args)
     timeout_s = 60.0 * args.distributed_timeout_minutes
     device = init_distributed(timeout_s=timeout_s)
     monitor = LivenessMonitor(
@@ -220,7 +261,7 @@ def main(argv=None) -> int:
     log0("== layout ==\n" + layout.describe())
     groups = initialize_parallel_groups(layout, timeout_s=timeout_s)
     if groups.is_base:
-        _serve_base(args, cfg, groups, device, requests, texts, tok, resume)
+        _serve_base(args, cfg, groups, device, batches, tok, resume)
     elif groups.is_pool:
         from megatron_fapool.attention.pool import PoolServer
 

@@ -1,9 +1,11 @@
-"""Generation loop: prefill every request, then decode them round-robin, with TTFT / TPOT / TPS.
+"""Generation loop: prefill every request, then decode them in batches, with TTFT / TPOT / TPS.
 
-One forward per request and step (batch 1 per forward: each request has its own length,
-its own KV cache and, above the threshold, its own pool shards). Tensor-parallel ranks
-run the same loop in lockstep; their logits are gathered, so every rank picks the same
-token. Pipeline stages pass hidden states on and the last one broadcasts the token. Bad requests are refused before any work, so no cache is touched.
+A prefill is one forward of one request; a decode step is one forward of one new
+token for each request of a batch (each request with its own position, its own KV
+cache and, above the threshold, its own pool shards). Tensor-parallel ranks run the
+same loop in lockstep; their logits are gathered, so every rank picks the same tokens.
+Pipeline stages pass hidden states on and the last one broadcasts the tokens. Bad
+requests are refused before any work, so no cache is touched.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .session import rope_position
+from .session import rope_positions
 
 __all__ = ["Generation", "Request", "RequestError", "generate", "validate_requests"]
 
@@ -72,41 +74,50 @@ def _sync(device) -> None:
 
 
 def _gather_tp(last: torch.Tensor, tp_group) -> torch.Tensor:
+    """``[b, vocab / tp]`` logits of this TP rank -> ``[b, vocab]`` on every TP rank."""
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         parts = [torch.empty_like(last) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(parts, last, group=tp_group)
-        last = torch.cat(parts)
+        last = torch.cat(parts, dim=-1)
     return last
 
 
-def _next_token(model, ids, position: int, device, tp_group, pp_group, pick) -> int:
-    """One forward of ``ids`` starting at ``position``; the chosen next token, the same on every rank.
+def _next_tokens(model, ids, positions: list[int], device, tp_group, pp_group, pick) -> list[int]:
+    """One forward of ``ids`` ``[b, s]`` (row ``i`` starting at ``positions[i]``); each row's next token.
 
-    With pipeline stages, each stage receives the previous stage's hidden states, runs
-    its layers (each keeping its own KV cache) and passes them on; the last stage picks
-    the token and broadcasts it to the others.
+    The tokens are the same on every rank. With pipeline stages, each stage receives
+    the previous stage's hidden states, runs its layers (each keeping its own KV cache)
+    and passes them on; the last stage picks the tokens and broadcasts them.
     """
-    pos = torch.arange(position, position + ids.shape[1], device=device)[None]
+    b, s = ids.shape
+    pos = torch.tensor(positions, device=device)[:, None] + torch.arange(s, device=device)[None]
     stages = dist.get_world_size(pp_group) if pp_group is not None else 1
     if stages == 1:
-        with rope_position(model, position):
-            logits = model(ids, pos, None)  # [1, s, vocab / tp]
-        return _pick(_gather_tp(logits[0, -1].float().contiguous(), tp_group), **pick)
+        with rope_positions(model, positions):
+            logits = model(ids, pos, None)  # [b, s, vocab / tp]
+        return _pick_rows(_gather_tp(logits[:, -1].float().contiguous(), tp_group), pick)
     ranks = dist.get_process_group_ranks(pp_group)
     stage = ranks.index(dist.get_rank())
     if stage > 0:
-        hidden = torch.empty((ids.shape[1], 1, model.config.hidden_size), dtype=model.config.params_dtype, device=device)
+        hidden = torch.empty((s, b, model.config.hidden_size), dtype=model.config.params_dtype, device=device)
         dist.recv(hidden, src=ranks[stage - 1])
         model.set_input_tensor(hidden)
-    with rope_position(model, position):
-        out = model(ids, pos, None)  # hidden states [s, 1, h], or logits [1, s, vocab / tp] on the last stage
-    token = torch.zeros(1, dtype=torch.long, device=device)
+    with rope_positions(model, positions):
+        out = model(ids, pos, None)  # hidden states [s, b, h], or logits [b, s, vocab / tp] on the last stage
+    tokens = torch.zeros(b, dtype=torch.long, device=device)
     if stage < stages - 1:
         dist.send(out.contiguous(), dst=ranks[stage + 1])
     else:
-        token[0] = _pick(_gather_tp(out[0, -1].float().contiguous(), tp_group), **pick)
-    dist.broadcast(token, src=ranks[-1], group=pp_group)
-    return int(token)
+        tokens[:] = torch.tensor(_pick_rows(_gather_tp(out[:, -1].float().contiguous(), tp_group), pick))
+    dist.broadcast(tokens, src=ranks[-1], group=pp_group)
+    return tokens.tolist()
+
+
+def _pick_rows(logits, pick) -> list[int]:
+    if pick["greedy"]:
+        limit = pick["limit"]
+        return (logits[:, :limit] if limit is not None else logits).argmax(dim=-1).tolist()
+    return [_pick(row, **pick) for row in logits]
 
 
 def _pick(logits, *, greedy: bool, temperature: float, top_k: int, generator, limit) -> int:
@@ -125,13 +136,17 @@ def _pick(logits, *, greedy: bool, temperature: float, top_k: int, generator, li
 @torch.no_grad()
 def generate(model, session, requests: list[Request], *, vocab_size: int, max_positions: int, device,
              tp_group=None, pp_group=None, greedy: bool = True, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
-             stop_token: int | None = None, token_limit: int | None = None) -> list[Generation]:
+             stop_token: int | None = None, token_limit: int | None = None, decode_batch: int = 0) -> list[Generation]:
     """Serve ``requests``; returns one :class:`Generation` per request, in order.
 
+    Prefill runs one request per forward; decode runs ``decode_batch`` requests per
+    forward (0: every request still generating), round-robin over the batches.
     ``token_limit``: only ids below it are generated (a tokenizer smaller than the
     model's padded vocabulary); ``stop_token`` ends a request early.
     """
     validate_requests(requests, vocab_size=vocab_size, max_positions=max_positions)
+    if decode_batch < 0:
+        raise RequestError(f"decode_batch must be >= 0 (0: all live requests), got {decode_batch}")
     model.eval()
     gen = torch.Generator().manual_seed(seed)  # the same on every TP rank: same logits, same draws
     pick = dict(greedy=greedy, temperature=temperature, top_k=top_k, generator=gen, limit=token_limit)
@@ -142,23 +157,27 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
         for r in requests:  # prefill
             ids = torch.tensor([r.prompt], dtype=torch.long, device=device)
             with session.step(r.id, "prefill"):
-                token = _next_token(model, ids, 0, device, tp_group, pp_group, pick)
+                (token,) = _next_tokens(model, ids, [0], device, tp_group, pp_group, pick)
             out = results[r.id]
             out.tokens.append(token)
             out.pooled = session.is_pooled(r.id)
             _sync(device)
             out.ttft_s = time.perf_counter() - start
         live = [r for r in requests if not _done(results[r.id], r, stop_token)]
-        while live:  # decode, round-robin
-            for r in live:
-                out = results[r.id]
+        while live:  # decode: batches of live requests, round-robin
+            size = decode_batch or len(live)
+            for batch in (live[i: i + size] for i in range(0, len(live), size)):
+                outs = [results[r.id] for r in batch]
                 t0 = time.perf_counter()
-                ids = torch.tensor([[out.tokens[-1]]], dtype=torch.long, device=device)
-                with session.step(r.id, "decode"):
-                    position = out.prompt_len + len(out.tokens) - 1
-                    out.tokens.append(_next_token(model, ids, position, device, tp_group, pp_group, pick))
+                ids = torch.tensor([[o.tokens[-1]] for o in outs], dtype=torch.long, device=device)
+                positions = [o.prompt_len + len(o.tokens) - 1 for o in outs]
+                with session.step([r.id for r in batch], "decode"):
+                    tokens = _next_tokens(model, ids, positions, device, tp_group, pp_group, pick)
                 _sync(device)
-                out.decode_s.append(time.perf_counter() - t0)
+                dt = time.perf_counter() - t0
+                for o, token in zip(outs, tokens):
+                    o.tokens.append(token)
+                    o.decode_s.append(dt)
             live = [r for r in live if not _done(results[r.id], r, stop_token)]
         for r in requests:
             results[r.id].kv_tokens_on_base = session.tokens_held(r.id)

@@ -11,13 +11,15 @@ inputs alone.
   stored sharded over the base rank and its active pool ranks
   (:class:`~megatron_fapool.attention.pool.kv_cache.PoolKVCache`); below it, attention
   is local and the K/V stays on the base rank.
-* Decode of one token: the new k, v join the request's cache (on the shard that owns
-  the next position) and the query attends over all of it; a pooled request's partial
-  results are merged by log-sum-exp on the base rank.
+* Decode: one forward carries one new token of each request of a batch (row ``i``
+  belongs to the ``i``-th request; short and pooled requests may share a batch). Each
+  new k, v joins its request's cache (on the shard that owns the next position) and
+  the query attends over all of it; the pooled rows of the batch go to the pool in one
+  exchange per layer and their partials are merged by log-sum-exp on the base rank.
 
 Megatron's own inference context is not used: it would keep every request's whole
 K/V on the base rank. RoPE positions of a decode step come from
-:func:`rope_position`, which offsets Megatron's rotary embedding for the step.
+:func:`rope_positions`, which gives each row of a decode batch its own position.
 """
 
 from __future__ import annotations
@@ -31,17 +33,17 @@ from ..attention.local import local_attention
 from ..attention.pool import PooledAttention, PoolCoreAttention
 from ..attention.pool.kv_cache import KVShardStore, PoolKVCache, decode_partial
 
-__all__ = ["InferenceCoreAttention", "InferenceSession", "rope_position"]
+__all__ = ["InferenceCoreAttention", "InferenceSession", "rope_positions"]
 
 
 @dataclass
 class _Step:
-    request: int
+    requests: tuple[int, ...]  # row i of the forward's batch belongs to requests[i]
     mode: str  # "prefill" | "decode"
 
 
 class InferenceSession:
-    """This base rank's KV caches (local and pooled) and the request the current forward serves."""
+    """This base rank's KV caches (local and pooled) and the requests the current forward serves."""
 
     def __init__(self, pool=None, *, backend: str = "auto"):
         self.pool = pool
@@ -50,19 +52,34 @@ class InferenceSession:
         self.local = KVShardStore()
         self.members: dict[int, int] = {}  # request -> 1 (local) or base + active pool ranks
         self.current: _Step | None = None
+        self.forwards = {"prefill": 0, "decode": 0}  # forwards served, by mode
+        self.decode_rows = 0  # request-tokens decoded (a batch of b counts b)
 
     @contextlib.contextmanager
-    def step(self, request: int, mode: str):
-        """Run one forward of ``request`` (``mode`` "prefill" or "decode") inside this block."""
+    def step(self, requests, mode: str):
+        """Run one forward inside this block: the prefill of one request, or one decode step of a batch.
+
+        ``requests``: a request id, or (decode) the ids of the forward's batch rows in order.
+        """
         if mode not in ("prefill", "decode"):
             raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}")
-        if mode == "prefill" and request in self.members:
-            raise ValueError(f"request {request} was already prefilled: free it first")
-        if mode == "decode" and request not in self.members:
-            raise KeyError(f"request {request} has no KV cache: prefill it first")
+        requests = (requests,) if isinstance(requests, int) else tuple(requests)
+        if not requests or len(set(requests)) != len(requests):
+            raise ValueError(f"a step needs distinct request ids, got {list(requests)}")
+        if mode == "prefill":
+            if len(requests) != 1:
+                raise ValueError(f"a prefill runs one request per forward, got {len(requests)}")
+            if requests[0] in self.members:
+                raise ValueError(f"request {requests[0]} was already prefilled: free it first")
+        for r in requests:
+            if mode == "decode" and r not in self.members:
+                raise KeyError(f"request {r} has no KV cache: prefill it first")
         if mode == "prefill" and self.pool is not None:
             self.pool.manager.new_step()
-        self.current = _Step(request, mode)
+        self.current = _Step(requests, mode)
+        self.forwards[mode] += 1
+        if mode == "decode":
+            self.decode_rows += len(requests)
         try:
             yield
         finally:
@@ -85,15 +102,15 @@ class InferenceSession:
             self.pooled.free(request)
 
     def attend(self, layer: int, q, k, v, *, softmax_scale: float) -> torch.Tensor:
-        """``[1, s, h, d]`` q/k/v of the current step -> ``[1, s, h, d]``."""
+        """``[b, s, h, d]`` q/k/v of the current step -> ``[b, s, h, d]`` (row i: the step's i-th request)."""
         step = self.current
-        if q.shape[0] != 1:
-            raise ValueError(f"inference runs one request per forward, got batch {q.shape[0]}")
+        if q.shape[0] != len(step.requests):
+            raise ValueError(f"the forward's batch has {q.shape[0]} rows for {len(step.requests)} requests")
         if step.mode == "prefill":
-            return self._prefill(step.request, layer, q, k, v, softmax_scale)
+            return self._prefill(step.requests[0], layer, q, k, v, softmax_scale)
         if q.shape[1] != 1:
-            raise ValueError(f"a decode step takes one token, got {q.shape[1]}")
-        return self._decode(step.request, layer, q, k, v, softmax_scale)
+            raise ValueError(f"a decode step takes one token per request, got {q.shape[1]}")
+        return self._decode(step.requests, layer, q[:, 0], k[:, 0], v[:, 0], softmax_scale)[:, None]
 
     def _prefill(self, request, layer, q, k, v, scale):
         n = q.shape[1]
@@ -113,14 +130,25 @@ class InferenceSession:
         self.local.put(request, layer, k[0].clone(), v[0].clone())
         return local_attention(q, k, v, causal=True, softmax_scale=scale, backend=self.backend)
 
-    def _decode(self, request, layer, q, k, v, scale):
-        if self.is_pooled(request):
-            out = self.pooled.decode(request, layer, q[0, 0], k[0, 0], v[0, 0], softmax_scale=scale)
-            return out[None, None]
-        shard = self.local.shards[(request, layer)]
-        shard.append(k[0, 0], v[0, 0])
-        out, _ = decode_partial(q[0, 0], shard.k, shard.v, softmax_scale=scale, backend=self.backend)
-        return out.to(q.dtype)[None, None]
+    def _decode(self, requests, layer, q, k, v, scale):
+        """q ``[n, hq, d]``, k/v ``[n, hk, d]`` -> ``[n, hq, d]``: pooled rows in one exchange, local rows here."""
+        pooled = [i for i, r in enumerate(requests) if self.is_pooled(r)]
+        if len(pooled) == len(requests):
+            return self.pooled.decode(list(requests), layer, q, k, v, softmax_scale=scale)
+        rows = [None] * len(requests)
+        if pooled:
+            idx = torch.tensor(pooled, device=q.device)
+            outs = self.pooled.decode([requests[i] for i in pooled], layer, q[idx], k[idx], v[idx],
+                                      softmax_scale=scale)
+            for i, o in zip(pooled, outs.unbind(0)):
+                rows[i] = o
+        for i, r in enumerate(requests):
+            if rows[i] is None:
+                shard = self.local.shards[(r, layer)]
+                shard.append(k[i], v[i])
+                out, _ = decode_partial(q[i], shard.k, shard.v, softmax_scale=scale, backend=self.backend)
+                rows[i] = out.to(q.dtype)
+        return torch.stack(rows)
 
 
 class InferenceCoreAttention(PoolCoreAttention):
@@ -137,20 +165,33 @@ class InferenceCoreAttention(PoolCoreAttention):
 
 
 @contextlib.contextmanager
-def rope_position(model, position: int):
-    """Megatron's rotary embedding for a forward whose first token sits at ``position``.
+def rope_positions(model, positions):
+    """Megatron's rotary embedding for a forward whose row ``i`` starts at ``positions[i]``.
 
-    GPTModel computes RoPE for positions ``0..s-1`` of its input; a decode step's one
-    token sits at ``position``. No-op for models without RoPE.
+    GPTModel computes RoPE for positions ``0..s-1`` of its input, the same for every
+    row; a decode step's rows sit at their own requests' positions. Equal positions
+    shift Megatron's own offset; unequal ones give each row its frequencies
+    (``[s, b, 1, d]``, which Megatron's unfused RoPE broadcasts over heads). No-op for
+    models without RoPE.
     """
     rope = getattr(model, "rotary_pos_emb", None)
-    if rope is None or position == 0:
+    positions = [int(p) for p in positions]
+    if rope is None or not any(positions):
         yield
         return
     original = rope.forward
+    if len(set(positions)) == 1:
+        def shifted(max_seq_len, offset=0, *args, **kwargs):
+            return original(max_seq_len, offset + positions[0], *args, **kwargs)
+    else:
+        if getattr(model.config, "apply_rope_fusion", False):
+            raise ValueError("per-row RoPE positions need apply_rope_fusion=False")
 
-    def shifted(max_seq_len, offset=0, *args, **kwargs):
-        return original(max_seq_len, offset + position, *args, **kwargs)
+        def shifted(max_seq_len, offset=0, *args, **kwargs):
+            emb = original(max(positions) + offset + max_seq_len, *args, **kwargs)  # [P, 1, 1, d]
+            rows = torch.tensor(positions, device=emb.device)[None, :] + offset  # [1, b]
+            rows = rows + torch.arange(max_seq_len, device=emb.device)[:, None]  # [s, b]
+            return emb[:, 0][rows]  # [s, b, 1, d]
 
     rope.forward = shifted
     try:

@@ -67,23 +67,32 @@ def _body(rank, world, requests):
     errors = []
     # bad input first: it must fail on the base and leave every request decodable
     bad = []
-    for call in (lambda: cache.decode(99, 0, torch.randn(H, D), torch.randn(HK, D), torch.randn(HK, D), softmax_scale=SCALE),
+    ids = list(requests)
+    for call in (lambda: cache.decode([ids[0], 99], 0, torch.randn(2, H, D), torch.randn(2, HK, D),
+                                      torch.randn(2, HK, D), softmax_scale=SCALE),
+                 lambda: cache.decode([ids[0], ids[0]], 0, torch.randn(2, H, D), torch.randn(2, HK, D),
+                                      torch.randn(2, HK, D), softmax_scale=SCALE),
                  lambda: cache.store(1, 0, torch.randn(5, HK, D), torch.randn(5, HK, D), members=requests[1][1]),
-                 lambda: cache.decode(1, 0, torch.randn(H, D), torch.randn(HK, D + 1), torch.randn(HK, D + 1), softmax_scale=SCALE)):
+                 lambda: cache.decode([1], 0, torch.randn(1, H, D), torch.randn(1, HK, D + 1),
+                                      torch.randn(1, HK, D + 1), softmax_scale=SCALE)):
         try:
             call()
         except (KeyError, ValueError) as e:
             bad.append(type(e).__name__)
     for step in range(STEPS):
-        for rid in requests:  # interleaved requests, as in a batch
+        # one batch of every request per layer (requests spread over different numbers of
+        # members share the exchange), then each request alone: both orders of use
+        batches = [ids] if step % 2 == 0 else [[rid] for rid in reversed(ids)]
+        for batch in batches:
             for layer in range(LAYERS):
-                q = torch.randn(H, D, generator=g)
-                kn, vn = torch.randn(HK, D, generator=g), torch.randn(HK, D, generator=g)
-                out = cache.decode(rid, layer, q, kn, vn, softmax_scale=SCALE)
-                k, v = full[(rid, layer)]
-                full[(rid, layer)] = (torch.cat((k, kn[None])), torch.cat((v, vn[None])))
-                ref = _reference(q, *full[(rid, layer)])
-                errors.append(((out.double() - ref).abs().max() / ref.abs().max()).item())
+                q = torch.randn(len(batch), H, D, generator=g)
+                kn, vn = torch.randn(len(batch), HK, D, generator=g), torch.randn(len(batch), HK, D, generator=g)
+                out = cache.decode(batch, layer, q, kn, vn, softmax_scale=SCALE)
+                for i, rid in enumerate(batch):
+                    k, v = full[(rid, layer)]
+                    full[(rid, layer)] = (torch.cat((k, kn[i, None])), torch.cat((v, vn[i, None])))
+                    ref = _reference(q[i], *full[(rid, layer)])
+                    errors.append(((out[i].double() - ref).abs().max() / ref.abs().max()).item())
     for rid in requests:
         cache.free(rid)
     client.shutdown(torch.device("cpu"))
@@ -98,7 +107,7 @@ def test_decode_over_sharded_cache(world, requests):
     res = run_distributed(_body, world, requests, timeout=120)
     base = res[0]
     assert max(base["errors"]) < 1e-5, max(base["errors"])
-    assert base["bad"] == ["KeyError", "ValueError", "ValueError"]
+    assert base["bad"] == ["KeyError", "ValueError", "ValueError", "ValueError"]
     for rid, (n, members) in requests.items():
         # the base holds only its shard: about 1/members of the prompt, per layer
         assert base["held_by_base"][rid] == LAYERS * prefill_shards(n, members)[0][1]

@@ -1,7 +1,8 @@
 """Issue 5 (CPU part): greedy generation with the pool-resident KV cache equals the static path
 and a single-process Megatron model with the same weights, token for token.
 
-Prompts below (60) and above (749, 300) the pool threshold (128) in one batch. The
+Prompts below (60) and above (749, 300) the pool threshold (128) in one batch, decoded
+together in one forward per step (pooled and local rows side by side). The
 pooled requests' K/V is sharded: each base rank keeps about 1/(p+1) of it, its pool
 rank the rest, nothing twice.
 """
@@ -55,7 +56,7 @@ def _reference_body(rank, world, untie=False):
     return {"state": {k: v.detach().clone() for k, v in model.named_parameters()}, "tokens": tokens}
 
 
-def _served_body(rank, world, reference, pool_on):
+def _served_body(rank, world, reference, pool_on, decode_batch):
     from megatron.core import parallel_state
 
     from megatron_fapool.attention.pool import AttentionPool, PoolServer
@@ -91,10 +92,12 @@ def _served_body(rank, world, reference, pool_on):
     lm = cfg.model.language_model
     requests = [Request(rid, p, NEW) for rid, p in _prompts(lm.vocab_size).items()]
     out = generate(model, session, requests, vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings,
-                   device=torch.device("cpu"), tp_group=parallel_state.get_tensor_model_parallel_group())
+                   device=torch.device("cpu"), tp_group=parallel_state.get_tensor_model_parallel_group(),
+                   decode_batch=decode_batch)
     if pool is not None:
         pool.shutdown(torch.device("cpu"))
-    return {"role": "base", "gens": [dataclasses.asdict(g) for g in out]}
+    return {"role": "base", "gens": [dataclasses.asdict(g) for g in out], "forwards": session.forwards,
+            "decode_rows": session.decode_rows}
 
 
 def _stage_state(full_state: dict, model, num_layers: int) -> dict:
@@ -145,8 +148,10 @@ def _pipeline_body(rank, world, reference):
 
 def test_greedy_generation_pool_equals_static_equals_megatron():
     reference = run_distributed(_reference_body, 1, timeout=240)[0]
-    pooled = run_distributed(_served_body, 4, reference, True, timeout=300)
-    static = run_distributed(_served_body, 2, reference, False, timeout=300)
+    # pooled: all three requests (two pooled, one local) in each decode forward;
+    # static: one request per decode forward
+    pooled = run_distributed(_served_body, 4, reference, True, 0, timeout=300)
+    static = run_distributed(_served_body, 2, reference, False, 1, timeout=300)
     untied = run_distributed(_reference_body, 1, True, timeout=240)[0]
     pipeline = run_distributed(_pipeline_body, 2, untied, timeout=300)
     for stage in pipeline:  # both stages end with the same tokens; each holds its own layer's K/V
@@ -156,6 +161,11 @@ def test_greedy_generation_pool_equals_static_equals_megatron():
         for r in (x for x in res if x["role"] == "base"):
             got = {g["id"]: g["tokens"] for g in r["gens"]}
             assert got == reference["tokens"]
+    steps = NEW - 1  # decode steps per request
+    for r in (x for x in pooled if x["role"] == "base"):  # one forward per step for the whole batch
+        assert r["forwards"] == {"prefill": 3, "decode": steps} and r["decode_rows"] == 3 * steps
+    for r in static:
+        assert r["forwards"] == {"prefill": 3, "decode": 3 * steps} and r["decode_rows"] == 3 * steps
     # the pooled path really ran, and the K/V of pooled requests was sharded
     bases = [r for r in pooled if r["role"] == "base"]
     pools = [r for r in pooled if r["role"] == "pool"]

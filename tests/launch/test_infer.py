@@ -44,6 +44,13 @@ def test_no_prompt_and_no_weights():
     assert proc.returncode == 2 and "one of the arguments --load --random-weights is required" in proc.stderr
 
 
+def test_bad_sweep():
+    assert "--sweep: '8k': expected LENxBATCH" in _error_line(_rank0(["--random-weights", "--sweep", "8k"]))
+    line = _error_line(_rank0(["--random-weights", "--sweep", "100x2", "5000x1", "--max-new-tokens", "4"]))
+    assert "--sweep: 5000x1: request 0: prompt 5000 + 4 new tokens" in line
+    assert "replaces the prompts" in _error_line(_rank0(["--random-weights", "--sweep", "100x2", "--prompt", "x"]))
+
+
 def test_data_parallel_replicas_are_refused(tmp_path):
     data = json.load(open(TINY))
     data["fapool"]["model_yaml"] = os.path.join(ROOT, "configs", "models", "tiny_dense.yaml")
@@ -76,7 +83,7 @@ def test_serves_a_mixed_batch_with_the_pool(tmp_path):
            "--sampling", "--top-k", "20", "--metrics-json", str(metrics)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(metrics.read_text())["requests"]
+    rows = json.loads(metrics.read_text())["workloads"][0]["requests"]
     assert [r["pooled"] for r in rows] == [False, True, True]  # threshold 128
     assert all(r["new_tokens"] == 5 and r["ttft_s"] > 0 and r["tpot_s"] > 0 for r in rows)
     assert "per length bucket" in proc.stdout and "512-2K: 1 requests" in proc.stdout

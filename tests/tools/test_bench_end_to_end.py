@@ -19,12 +19,32 @@ def _run(args, timeout=300):
 
 def test_bench_inference_single_vs_pool(tmp_path):
     out = tmp_path / "r.json"
-    text = _run([os.path.join(ROOT, "tools", "bench_inference.py"), "--deepspeed_config", TINY, "--lengths", "300",
-                 "--strategies", "single", "pool", "--new-tokens", "3", "--output", str(out)])
+    text = _run([os.path.join(ROOT, "tools", "bench_inference.py"), "--deepspeed_config", TINY, "--lengths", "100", "300",
+                 "--batch-sizes", "1", "2", "--strategies", "single", "pool", "--new-tokens", "3", "--output", str(out),
+                 "--calibration", os.path.join(ROOT, "configs", "calibration", "h200x2_paper_dense.json")])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["strategy"], r["pooled"]) for r in rows] == [("single", 0), ("pool", 1)]
-    assert all(r["ttft_s"] > 0 and r["tpot_s"] > 0 for r in rows)
-    assert "| pool | 2 | 300 |" in text
+    # one launch per strategy sweeps every (length, batch); the pool engages above the threshold (128) only
+    assert [(r["strategy"], r["n"], r["batch"], r["pooled"]) for r in rows] == [
+        ("single", 100, 1, 0), ("single", 100, 2, 0), ("single", 300, 1, 0), ("single", 300, 2, 0),
+        ("pool", 100, 1, 0), ("pool", 100, 2, 0), ("pool", 300, 1, 1), ("pool", 300, 2, 2)]
+    assert all(r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["tpot_p50_s"] > 0 for r in rows)
+    assert "| pool | 2 | 300 | 2 |" in text and "batch 2: pool TPS >= 1 GPU from" in text
+
+
+def test_break_even_interpolates_where_the_pool_stays_ahead():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from bench_inference import break_even
+
+    def rows(ratios):
+        out = []
+        for n, r in ratios.items():
+            out += [{"strategy": "single", "n": n, "batch": 1, "tps": 100.0},
+                    {"strategy": "pool", "n": n, "batch": 1, "tps": 100.0 * r}]
+        return out
+    assert break_even(rows({1024: 0.5, 4096: 1.5}), 1) == 2048.0  # halfway in log2
+    assert break_even(rows({1024: 1.2, 2048: 0.9, 4096: 0.8, 8192: 1.2}), 1) == 2 ** 12.5  # from where it stays ahead
+    assert break_even(rows({1024: 1.0, 4096: 1.1}), 1) == 1024.0
+    assert break_even(rows({1024: 0.5, 4096: 0.9}), 1) is None
 
 
 def test_bench_training_single_vs_pool(tmp_path):

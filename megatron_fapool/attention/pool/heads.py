@@ -39,7 +39,7 @@ import torch.distributed as dist
 from ...config.schema import ATTENTION_BACKENDS
 from ..dilated import dilated_attention
 from .client import _CallToken, _named_failure, _nbytes
-from .protocol import DTYPES, Header, Op
+from .protocol import DTYPES, Header, Op, int64_tensor
 
 __all__ = ["HeadSplit", "PooledHeadsAttention", "head_split", "serve_heads_backward", "serve_heads_forward"]
 
@@ -151,9 +151,7 @@ def _member_shapes(split: HeadSplit, member: int, b: int, n: int, d: int):
 
 
 def _params_tensor(head_offset, total_heads, segment_lengths, dilation_rates, device) -> torch.Tensor:
-    return torch.tensor(
-        [head_offset, total_heads, *segment_lengths, *dilation_rates], dtype=torch.int64, device=device
-    )
+    return int64_tensor([head_offset, total_heads, *segment_lengths, *dilation_rates], device)
 
 
 def _parse_params(t: torch.Tensor):

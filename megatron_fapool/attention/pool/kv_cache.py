@@ -3,12 +3,13 @@
 For inference (issue 5). After the prefill of a pooled request, each layer's K/V is
 split along the sequence over the ``members`` of the base rank's attention group (the
 base rank is member 0 and keeps its own shard; member ``j`` keeps the ``j``-th
-contiguous range): no holder has it whole. A decode step of one layer then moves
+contiguous range): no holder has it whole. A decode step of one layer, for a batch of
+pooled requests of this base rank, then moves in one exchange
 
-* the new query, broadcast to every member,
-* the new token's k and v, sent to the one member that will hold them (the one with
-  the fewest tokens), and
-* each member's partial result ``(out, lse)`` over its shard, gathered to the base,
+* the batch's ``(request, owner)`` pairs and its new queries and new k, v rows, in one
+  broadcast to every member (a few KiB per request; each new k, v row is stored only
+  by its owner, the member with the fewest tokens of that request), and
+* each member's partial results ``(out, lse)`` over its shards, gathered to the base,
 
 and the base merges the partials with the log-sum-exp rule. Nothing is replicated at
 rest and no K/V moves after the prefill. :func:`prefill_shards` and
@@ -29,7 +30,7 @@ import torch.distributed as dist
 
 from ..local import attention_forward, merge_partials
 from .client import _named_failure, _nbytes
-from .protocol import DTYPES, Header, Op
+from .protocol import DTYPES, Header, Op, int64_tensor
 
 __all__ = [
     "KVShardStore",
@@ -189,50 +190,57 @@ class PoolKVCache:
         lo, hi = bounds[0]
         self.local.put(request, layer, k[lo:hi].clone(), v[lo:hi].clone())
 
-    def decode(self, request: int, layer: int, q, k_new, v_new, *, softmax_scale: float) -> torch.Tensor:
-        """Attention of the new token of ``request`` at ``layer``: q ``[hq, d]``, k/v_new ``[hk, d]`` -> ``[hq, d]``.
+    def decode(self, requests: list[int], layer: int, q, k_new, v_new, *, softmax_scale: float) -> torch.Tensor:
+        """One decode step of ``layer`` for a batch of pooled requests, in one exchange with the pool.
 
-        The new k, v join the cache first (causal: the token attends to itself).
+        q ``[n, hq, d]``, k/v_new ``[n, hk, d]`` (row ``i`` belongs to ``requests[i]``) ->
+        ``[n, hq, d]``. The new k, v join each cache first (causal: a token attends to
+        itself). Requests may be spread over different numbers of members; the exchange
+        runs over the largest group and a member holding nothing of a request returns an
+        empty partial for it.
         """
-        req = self.requests.get(request)
-        if req is None or layer not in req.sizes:
-            raise KeyError(f"request {request} layer {layer} has no pooled KV cache (store it at prefill)")
-        sizes = req.sizes[layer]
-        if k_new.shape != v_new.shape or k_new.shape[-1] != q.shape[-1]:
-            raise ValueError(f"new k/v {tuple(k_new.shape)}/{tuple(v_new.shape)} do not match q {tuple(q.shape)}")
-        owner = next_owner(sizes)
-        out = _named_failure(f"KV decode of base rank {self.client.rank}", self.client.pool_ranks[: req.members - 1],
-                             self._decode, request, layer, q, k_new, v_new, req.members, owner, softmax_scale)
-        sizes[owner] += 1
+        requests = list(requests)
+        if len(set(requests)) != len(requests):
+            raise ValueError(f"a decode batch names a request twice: {requests}")
+        for rid in requests:
+            req = self.requests.get(rid)
+            if req is None or layer not in req.sizes:
+                raise KeyError(f"request {rid} layer {layer} has no pooled KV cache (store it at prefill)")
+        n = len(requests)
+        if q.dim() != 3 or q.shape[0] != n or k_new.shape != v_new.shape or k_new.shape[:1] != (n,) \
+                or k_new.shape[-1] != q.shape[-1] or k_new.dim() != 3:
+            raise ValueError(f"decode of {n} requests takes q [n, hq, d] and k/v [n, hk, d], got {tuple(q.shape)},"
+                             f" {tuple(k_new.shape)}, {tuple(v_new.shape)}")
+        reqs = [self.requests[rid] for rid in requests]
+        members = max(r.members for r in reqs)
+        owners = [next_owner(r.sizes[layer]) for r in reqs]
+        out = _named_failure(f"KV decode of base rank {self.client.rank}", self.client.pool_ranks[: members - 1],
+                             self._decode, requests, layer, q, k_new, v_new, members, owners, softmax_scale)
+        for r, owner in zip(reqs, owners):
+            r.sizes[layer][owner] += 1
         return out
 
-    def _decode(self, request, layer, q, k_new, v_new, members, owner, scale):
-        hq, d = q.shape
-        hk = k_new.shape[0]
+    def _decode(self, requests, layer, q, k_new, v_new, members, owners, scale):
+        n, hq, d = q.shape
+        hk = k_new.shape[1]
         group = self._group(members)
+        params = int64_tensor([x for pair in zip(requests, owners) for x in pair], q.device)
         self.client.send_header(
-            q.device, op=Op.KV_DECODE, call_id=request, layer=layer, heads=hq, kv_heads=hk, head_dim=d,
-            dtype=DTYPES.index(q.dtype), members=members, extra=owner, scale_bits=Header.scale_to_bits(scale),
+            q.device, op=Op.KV_DECODE, n=n, layer=layer, heads=hq, kv_heads=hk, head_dim=d,
+            dtype=DTYPES.index(q.dtype), members=members, extra=params.numel(), scale_bits=Header.scale_to_bits(scale),
         )
-        qc = q.contiguous()
-        dist.broadcast(qc, src=self.client.rank, group=group)
-        self.client.stats.bytes_sent += _nbytes(qc) * (members - 1)
-        if owner == 0:
-            self.local.shards[(request, layer)].append(k_new, v_new)
-        else:
-            kv = torch.stack((k_new, v_new)).contiguous()
-            dist.send(kv, dst=self._member_rank(owner), group=group)
-            self.client.stats.bytes_sent += _nbytes(kv)
-        shard = self.local.shards[(request, layer)]
-        out, lse = decode_partial(qc, shard.k, shard.v, softmax_scale=scale, backend=self.backend)
-        part = torch.cat((out, lse[:, None]), dim=1)  # [hq, d + 1] fp32
+        dist.broadcast(params, src=self.client.rank, group=group)
+        qkv = torch.cat((q, k_new, v_new), dim=1).contiguous()  # [n, hq + 2 hk, d]: one message for the batch
+        dist.broadcast(qkv, src=self.client.rank, group=group)
+        self.client.stats.bytes_sent += (_nbytes(params) + _nbytes(qkv)) * (members - 1)
+        part = _partials(self.local, requests, owners, 0, layer, qkv, hq, hk, scale, self.backend)
         parts = [torch.empty_like(part) for _ in range(members)]
         dist.gather(part, parts, dst=self.client.rank, group=group)
         self.client.stats.bytes_received += _nbytes(part) * (members - 1)
-        out, lse = out[None, None], lse[None, :, None]  # merge_partials' [b, s, h, d] / [b, h, s]
+        out, lse = part[:, None, :, :d], part[:, :, d, None]  # merge_partials' [b, s, h, d] / [b, h, s]
         for p in parts[1:]:  # fixed order: the same result on every run
-            out, lse = merge_partials(out, lse, p[None, None, :, :d], p[None, :, d, None])
-        return out[0, 0].to(q.dtype)
+            out, lse = merge_partials(out, lse, p[:, None, :, :d], p[:, :, d, None])
+        return out[:, 0].to(q.dtype)
 
     def free(self, request: int) -> None:
         """Drop ``request``'s K/V everywhere (no-op for an unknown request)."""
@@ -255,19 +263,37 @@ def serve_kv_store(server, h: Header) -> None:
     server.kv.put(h.call_id, h.layer, buf[: hi - lo, 0].clone(), buf[: hi - lo, 1].clone())
 
 
+def _partials(store: KVShardStore, requests, owners, member: int, layer: int, qkv, hq: int, hk: int, scale, backend):
+    """This member's ``[n, hq, d + 1]`` fp32 partials (out, lse) of a decode batch.
+
+    Appends the new k, v of the requests this member owns first; a request of which it
+    holds nothing gives an empty partial (out 0, lse ``-inf``).
+    """
+    q, k_new, v_new = qkv[:, :hq], qkv[:, hq: hq + hk], qkv[:, hq + hk:]
+    rows = []
+    for i, (rid, owner) in enumerate(zip(requests, owners)):
+        shard = store.shards.get((rid, layer))
+        if owner == member:
+            shard.append(k_new[i], v_new[i])
+        if shard is None:
+            k = v = qkv.new_empty((0, hk, qkv.shape[-1]))
+        else:
+            k, v = shard.k, shard.v
+        out, lse = decode_partial(q[i], k, v, softmax_scale=scale, backend=backend)
+        rows.append(torch.cat((out, lse[:, None]), dim=1))
+    return torch.stack(rows)
+
+
 def serve_kv_decode(server, h: Header) -> None:
     group = server._group(h.members)
-    q = torch.empty((h.heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
-    dist.broadcast(q, src=server.base, group=group)
-    server.stats.bytes_received += _nbytes(q)
-    shard = server.kv.shards[(h.call_id, h.layer)]
-    if h.extra == server.member:
-        kv = torch.empty((2, h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
-        dist.recv(kv, src=server.base, group=group)
-        server.stats.bytes_received += _nbytes(kv)
-        shard.append(kv[0], kv[1])
-    out, lse = decode_partial(q, shard.k, shard.v, softmax_scale=h.softmax_scale)
-    part = torch.cat((out, lse[:, None]), dim=1)
+    params = torch.empty((h.extra,), dtype=torch.int64, device=server.device)
+    dist.broadcast(params, src=server.base, group=group)
+    qkv = torch.empty((h.n, h.heads + 2 * h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
+    dist.broadcast(qkv, src=server.base, group=group)
+    server.stats.bytes_received += _nbytes(params) + _nbytes(qkv)
+    pairs = params.view(-1, 2).tolist()
+    part = _partials(server.kv, [r for r, _ in pairs], [o for _, o in pairs], server.member, h.layer, qkv,
+                     h.heads, h.kv_heads, h.softmax_scale, "auto")
     dist.gather(part, None, dst=server.base, group=group)
     server.stats.bytes_sent += _nbytes(part)
     server.stats.served_forward += 1

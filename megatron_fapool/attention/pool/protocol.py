@@ -14,7 +14,7 @@ import torch
 
 from ...config.schema import ATTENTION_BACKENDS
 
-__all__ = ["DTYPES", "Header", "Op"]
+__all__ = ["DTYPES", "Header", "Op", "int64_tensor"]
 
 
 class Op:
@@ -24,8 +24,20 @@ class Op:
     HEADS_FORWARD = 4  # the pool splitting heads (dilated attention): see heads.py
     HEADS_BACKWARD = 5
     KV_STORE = 6  # inference: keep a shard of a layer's prefill K/V (kv_cache.py)
-    KV_DECODE = 7  # inference: one new token's attention over the sharded cache
+    KV_DECODE = 7  # inference: a batch of new tokens' attention over their sharded caches
     KV_FREE = 8  # inference: drop a request's shards
+
+
+def int64_tensor(values, device) -> torch.Tensor:
+    """Host integers as an int64 tensor on ``device``, without blocking the host.
+
+    On CUDA the copy is pinned and non-blocking: a pageable copy would wait until the
+    GPU has finished all queued work, serialising every pooled call.
+    """
+    t = torch.tensor(list(values), dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -48,8 +60,10 @@ class Header:
     save: int = 1  # keep state for a backward
     scale_bits: int = 0
     backend: int = 0
-    extra: int = 0  # HEADS_FORWARD: int64 entries of the parameter tensor that follows; KV_DECODE: owner
-    layer: int = 0  # KV_*: the layer (call_id is the request)
+    # HEADS_FORWARD: int64 entries of the parameter tensor that follows;
+    # KV_DECODE: int64 entries of the (request, owner) pairs that follow (n = requests)
+    extra: int = 0
+    layer: int = 0  # KV_*: the layer (KV_STORE / KV_FREE: call_id is the request)
 
     @property
     def softmax_scale(self) -> float:
@@ -68,12 +82,7 @@ class Header:
         return struct.unpack("<q", struct.pack("<d", float(scale)))[0]
 
     def to_tensor(self, device) -> torch.Tensor:
-        t = torch.tensor(astuple(self), dtype=torch.int64)
-        if torch.device(device).type == "cuda":
-            # pinned + non_blocking: a pageable copy would block the host until the GPU
-            # has finished all queued work, serialising every pooled call
-            return t.pin_memory().to(device, non_blocking=True)
-        return t
+        return int64_tensor(astuple(self), device)
 
     @classmethod
     def empty(cls, device) -> torch.Tensor:
