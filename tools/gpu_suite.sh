@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
 #   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
-# Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo infer-bench
+# Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo
+#         infer-test decode-bench infer-bench
 # `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
 # (megatron-core, deepspeed, pydantic) for an image that lacks them.
 set -uo pipefail
@@ -46,10 +47,18 @@ for s in "$@"; do
     train-demo)
       stage train-demo
       timeout 400 bash tools/gpu_train_demo.sh ${TRAIN_DEMO_ITERS:-80} || rc=1 ;;
+    infer-test)
+      stage infer-test
+      timeout 240 $PY -m pytest tests/inference/test_generate_gpu.py tests/attention/test_pool_kv_cache.py -q -rs -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/infer_test.txt" || rc=1 ;;
+    decode-bench)
+      stage decode-bench
+      CUDA_VISIBLE_DEVICES=0 timeout 240 $PY tools/bench_decode_attention.py --markdown "$OUT/bench_decode_attention.md" 2>&1 | grep -v -i warn | tail -60 || rc=1 ;;
     infer-bench)
       stage infer-bench
-      timeout 560 $PY tools/bench_inference.py --deepspeed_config configs/paper_dense_pool.json \
-        --lengths ${INFER_LENGTHS:-512 8192 32768 131072} --new-tokens ${INFER_NEW:-16} --timeout 150 --strategies ${INFER_STRATEGIES:-single tp2 pp2 pool} \
+      timeout 590 $PY tools/bench_inference.py --deepspeed_config configs/paper_dense_pool.json \
+        --lengths ${INFER_LENGTHS:-512 2048 8192 16384 32768 65536 131072} --batch-sizes ${INFER_BATCHES:-1 4} \
+        --new-tokens ${INFER_NEW:-32} --timeout ${INFER_TIMEOUT:-200} --strategies ${INFER_STRATEGIES:-single tp2 pp2 pool} \
+        --calibration configs/calibration/h200x2_paper_dense.json --plot "$OUT/bench_inference.png" \
         --output "$OUT/bench_inference.json" --log-dir "$OUT/infer_logs" 2>&1 | tee "$OUT/infer_bench.log" || rc=1 ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac

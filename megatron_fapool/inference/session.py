@@ -127,7 +127,7 @@ class InferenceSession:
             return out
         if self.pool is not None:
             self.pool.stats.local_calls += 1
-        self.local.put(request, layer, k[0].clone(), v[0].clone())
+        self.local.put(request, layer, k[0], v[0])
         return local_attention(q, k, v, causal=True, softmax_scale=scale, backend=self.backend)
 
     def _decode(self, requests, layer, q, k, v, scale):

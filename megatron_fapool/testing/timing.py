@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
 import torch
 
-__all__ = ["elapsed_ms"]
+__all__ = ["elapsed_ms", "median_ms"]
 
 
 def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -22,3 +23,10 @@ def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20) -> float:
+    """Median of ``reps`` timed calls of ``fn`` after ``warmup`` untimed ones, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(elapsed_ms(fn, device) for _ in range(max(1, reps)))

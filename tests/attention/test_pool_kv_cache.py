@@ -121,3 +121,28 @@ def test_decode_over_sharded_cache(world, requests):
     for r in range(1, world):
         assert res[r]["left"] == 0  # freed everywhere
         assert res[r]["stats"]["served_forward"] > 0
+
+
+@pytest.mark.parametrize("n, splits", [(1, 4), (100, 1), (100, 3), (4099, 8), (513, 512)])
+def test_decode_partial_split_equals_whole(n, splits):
+    from megatron_fapool.attention.pool.kv_cache import decode_partial
+
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(H, D, generator=g, dtype=torch.float64)
+    kv = torch.randn(n + 7, 2, HK, D, generator=g, dtype=torch.float64)  # a cache with spare rows, as stored
+    k, v = kv[:n, 0], kv[:n, 1]
+    out, lse = decode_partial(q, k, v, softmax_scale=SCALE, splits=splits)
+    ref = _reference(q, k, v)
+    assert (out.double() - ref).abs().max() < 1e-5
+    scores = torch.einsum("hd,shd->hs", q, k.repeat_interleave(H // HK, 1)) * SCALE
+    assert (lse.double() - scores.logsumexp(-1)).abs().max() < 1e-5
+
+
+def test_decode_splits_rule():
+    from megatron_fapool.attention.pool.kv_cache import decode_splits
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decode_splits(1 << 17, 32, cpu) == 1
+    assert decode_splits(1 << 17, 32, cuda) == 16  # 512 work items / 32 kv heads
+    assert decode_splits(8192, 32, cuda) == 4  # at least 2048 keys per piece
+    assert decode_splits(1000, 8, cuda) == 1

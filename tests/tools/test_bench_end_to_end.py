@@ -60,3 +60,12 @@ def test_bench_training_single_vs_pool(tmp_path):
     assert lines[1].split("|")[8].strip() == "2/2"  # pooled steps of the timed iterations
     losses = {line.split("|")[9].strip() for line in lines}
     assert len(losses) == 1  # same model, weights and data: the same loss
+
+
+def test_bench_decode_attention_smoke(tmp_path):
+    md = tmp_path / "d.md"
+    _run([os.path.join(ROOT, "tools", "bench_decode_attention.py"), "--device", "cpu", "--dtype", "fp32",
+          "--lengths", "600", "--heads", "2", "--head-dim", "16", "--backends", "math", "--splits", "1", "3",
+          "--copy-gib", "0.01", "--reps", "1", "--markdown", str(md)])
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| 600 | math")]
+    assert len(rows) == 2 and not any("differs" in r or "failed" in r for r in rows)

@@ -36,6 +36,7 @@ __all__ = [
     "KVShardStore",
     "PoolKVCache",
     "decode_partial",
+    "decode_splits",
     "next_owner",
     "prefill_shards",
 ]
@@ -59,26 +60,59 @@ def next_owner(sizes: list[int]) -> int:
     return min(range(len(sizes)), key=lambda j: (sizes[j], j))
 
 
-def decode_partial(q, k, v, *, softmax_scale: float, backend: str = "auto"):
+#: A decode split holds at least this many keys (fewer: the fixed cost of a split outweighs it).
+MIN_SPLIT_KEYS = 2048
+#: Target (split, kv head) work items per decode kernel on CUDA: a few per SM of a large GPU.
+CUDA_DECODE_ITEMS = 512
+
+
+def decode_splits(n: int, kv_heads: int, device: torch.device) -> int:
+    """How many sequence pieces one decode query's attention over ``n`` keys runs as.
+
+    One query row gives a flash kernel only ``kv_heads`` work items: far too few to
+    stream a long cache at the GPU's bandwidth. Splitting the keys into pieces run as a
+    batch (merged by log-sum-exp) multiplies them ("flash decoding"). On CPU: 1.
+    """
+    if device.type != "cuda":
+        return 1
+    return max(1, min(CUDA_DECODE_ITEMS // max(kv_heads, 1), n // MIN_SPLIT_KEYS))
+
+
+def decode_partial(q, k, v, *, softmax_scale: float, backend: str = "auto", splits: int | None = None):
     """One query against one shard: q ``[hq, d]``, k/v ``[s, hk, d]`` -> (out ``[hq, d]`` fp32, lse ``[hq]`` fp32).
 
-    An empty shard gives out 0 and lse ``-inf`` (it then drops out of the merge).
+    ``splits``: the keys run as that many equal pieces in one batched kernel call (a
+    view of the cache, nothing copied) plus the remainder, merged by log-sum-exp;
+    ``None`` picks :func:`decode_splits`. An empty shard gives out 0 and lse ``-inf``
+    (it then drops out of the merge).
     """
     hq, d = q.shape
-    if k.shape[0] == 0:
+    n = k.shape[0]
+    if n == 0:
         return q.new_zeros((hq, d), dtype=torch.float32), torch.full((hq,), float("-inf"), device=q.device)
-    out, lse = attention_forward(
-        q[None, None], k[None], v[None], causal=False, softmax_scale=softmax_scale, backend=backend
-    )
-    return out[0, 0].float(), lse[0, :, 0].float()
+    splits = decode_splits(n, k.shape[1], q.device) if splits is None else max(1, min(splits, n))
+    piece = n // splits
+    main = piece * splits
+    qq = q[None, None].expand(splits, 1, hq, d).contiguous()
+    out, lse = attention_forward(qq, k[:main].unflatten(0, (splits, piece)), v[:main].unflatten(0, (splits, piece)),
+                                 causal=False, softmax_scale=softmax_scale, backend=backend)
+    outs, lses = out[:, 0].float(), lse[:, :, 0].float()  # [splits, hq, d], [splits, hq]
+    if main < n:
+        o, l = attention_forward(q[None, None], k[None, main:], v[None, main:], causal=False,
+                                 softmax_scale=softmax_scale, backend=backend)
+        outs, lses = torch.cat((outs, o[:, 0].float())), torch.cat((lses, l[:, :, 0].float()))
+    if outs.shape[0] == 1:
+        return outs[0], lses[0]
+    m = torch.logsumexp(lses, dim=0)  # [hq]
+    return (torch.exp(lses - m)[..., None] * outs).sum(0), m
 
 
 class _GrowingKV:
-    """One layer's K/V shard of one request, with room to append (doubling)."""
+    """One layer's K/V shard of one request (copied in), with room to append (doubling when full)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.length = k.shape[0]
-        cap = max(16, 2 * self.length)
+        cap = self.length + max(64, self.length // 16)  # room for a generation; a long one doubles it
         self.kv = k.new_empty((cap, 2) + tuple(k.shape[1:]))
         self.kv[: self.length, 0], self.kv[: self.length, 1] = k, v
 
@@ -188,7 +222,7 @@ class PoolKVCache:
         dist.scatter(mine, list(buf.unbind(0)), src=self.client.rank, group=self._group(members))
         self.client.stats.bytes_sent += _nbytes(buf) - _nbytes(buf[0])
         lo, hi = bounds[0]
-        self.local.put(request, layer, k[lo:hi].clone(), v[lo:hi].clone())
+        self.local.put(request, layer, k[lo:hi], v[lo:hi])
 
     def decode(self, requests: list[int], layer: int, q, k_new, v_new, *, softmax_scale: float) -> torch.Tensor:
         """One decode step of ``layer`` for a batch of pooled requests, in one exchange with the pool.
@@ -260,7 +294,7 @@ def serve_kv_store(server, h: Header) -> None:
     buf = torch.empty((pad, 2, h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
     dist.scatter(buf, None, src=server.base, group=server._group(h.members))
     server.stats.bytes_received += _nbytes(buf)
-    server.kv.put(h.call_id, h.layer, buf[: hi - lo, 0].clone(), buf[: hi - lo, 1].clone())
+    server.kv.put(h.call_id, h.layer, buf[: hi - lo, 0], buf[: hi - lo, 1])
 
 
 def _partials(store: KVShardStore, requests, owners, member: int, layer: int, qkv, hq: int, hk: int, scale, backend):
