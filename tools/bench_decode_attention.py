@@ -102,7 +102,6 @@ def main(argv=None) -> int:
                 print(lines[-1], flush=True)
                 if bw > best.get(n, (0, ""))[0]:
                     best[n] = (bw, f"{backend}, splits {label}")
-        del cache, k, v
     lines.append("")
     for n, (bw, what) in best.items():
         lines.append(f"- {n} tokens: best {bw / 1e12:.2f} TB/s = {100 * bw / copy_bw:.0f}% of copy bandwidth ({what})")
