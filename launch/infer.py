@@ -19,6 +19,7 @@ serves one batch per item (random prompts) with the same model, for benchmarks.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import sys
@@ -61,6 +62,8 @@ def parse_args(argv=None):
                         " model (e.g. 8192x1 8192x4 131072x1); instead of prompts")
     p.add_argument("--warmup", action="store_true", help="serve each batch once untimed first (kernels, allocator)")
     p.add_argument("--metrics-json", default=None, help="write per-request metrics here (rank 0)")
+    p.add_argument("--profile-out", default=None, metavar="FILE",
+                   help="write a cProfile of the timed passes on rank 0 here (read it with pstats)")
     p.add_argument("--distributed-timeout-minutes", type=int, default=10)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     return p.parse_args(argv)
@@ -227,14 +230,19 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, decode_batch=args.decode_batch,
                   token_limit=tok.vocab_size, stop_token=tok.eod if args.stop_at_eod else None)
     results = []
+    profiler = cProfile.Profile() if args.profile_out and dist.get_rank() == 0 else None
     for i, (name, requests, texts) in enumerate(batches):
         if len(batches) > 1:
             log0(f"== workload {i + 1}/{len(batches)}: {name} ==")
         if args.warmup:
             generate(model, session, requests, **kwargs)
+        if profiler is not None:
+            profiler.enable()
         t0 = time.perf_counter()
         gens = generate(model, session, requests, **kwargs)
         wall = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.disable()
         if dist.get_rank() == 0:
             print(_report(gens, texts, tok, wall), flush=True)
         rows = [dict(id=g.id, prompt_len=g.prompt_len, new_tokens=len(g.tokens), pooled=g.pooled, ttft_s=g.ttft_s,
@@ -242,6 +250,8 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
         results.append({"name": name, "wall_s": wall, "requests": rows})
     if pool is not None:
         pool.shutdown(device)
+    if profiler is not None:
+        profiler.dump_stats(args.profile_out)
     if dist.get_rank() == 0 and args.metrics_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
         with open(args.metrics_json, "w") as f:

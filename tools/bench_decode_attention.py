@@ -8,8 +8,10 @@ A decode step's attention is one query row per head against the whole cached K/V
 it is bound by reading the cache: bytes = 2 (K and V) x n x kv_heads x head_dim x
 element size. For every cache length and backend this times
 :func:`~megatron_fapool.attention.pool.kv_cache.decode_partial` on a cache laid out as
-the inference path stores it (``[capacity, 2, kv_heads, head_dim]``, K and V
-interleaved per token), with the keys run whole (``splits 1``) or split into pieces
+the inference path stores it (layout ``stored``: a
+:class:`~megatron_fapool.attention.pool.kv_cache.KVShard`, K and V each contiguous) or,
+for comparison, with K and V interleaved per token (``interleaved``:
+``[n, 2, kv_heads, head_dim]``, which the kernels must copy first), with the keys run whole (``splits 1``) or split into pieces
 batched in one kernel call (flash decoding; ``auto`` = the rule the inference path
 uses), and reports the achieved read bandwidth as a share of the copy bandwidth
 measured in the same run (``dst.copy_(src)`` of a large buffer: bytes read + written
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_fapool.attention import local as L  # noqa: E402
-from megatron_fapool.attention.pool.kv_cache import decode_partial, decode_splits  # noqa: E402
+from megatron_fapool.attention.pool.kv_cache import KVShard, decode_partial, decode_splits  # noqa: E402
 from megatron_fapool.testing.timing import median_ms  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--splits", nargs="+", default=["1", "auto", "4", "8", "16", "32"], help="'auto' or integers")
     p.add_argument("--backends", nargs="+", default=None, help="default: every backend available on the device")
+    p.add_argument("--layouts", nargs="+", default=["stored", "interleaved"], choices=["stored", "interleaved"])
     p.add_argument("--copy-gib", type=float, default=4.0, help="size of the copy-bandwidth buffer")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--markdown", default=None)
@@ -71,37 +74,43 @@ def main(argv=None) -> int:
     lines = [f"# Decode attention read bandwidth ({_dt.date.today()}, {name}, torch {torch.__version__})", "",
              f"{args.dtype}, {args.heads} query heads, {hk} KV heads, head dim {d}, one query row; copy bandwidth"
              f" {copy_bw / 1e12:.2f} TB/s measured in the same run.", "",
-             "| cache tokens | backend | splits | time (us) | K/V read (TB/s) | % of copy bandwidth |",
-             "|---:|---|---:|---:|---:|---:|"]
+             "| cache tokens | layout | backend | splits | time (us) | K/V read (TB/s) | % of copy bandwidth |",
+             "|---:|---|---|---:|---:|---:|---:|"]
     g = torch.Generator(device=device).manual_seed(0)
     best = {}
     for n in args.lengths:
-        cache = torch.randn((n + 16, 2, hk, d), generator=g, device=device, dtype=torch.float32).to(dt)
-        k, v = cache[:n, 0], cache[:n, 1]
-        q = torch.randn((args.heads, d), generator=g, device=device, dtype=torch.float32).to(dt)
-        nbytes = 2 * n * hk * d * cache.element_size()
-        ref = None
-        for backend in backends:
-            for sp in args.splits:
-                splits = decode_splits(n, hk, device) if sp == "auto" else int(sp)
-                label = f"auto ({splits})" if sp == "auto" else str(splits)
-                try:
-                    out, _ = decode_partial(q, k, v, softmax_scale=d ** -0.5, backend=backend, splits=splits)
-                    if ref is None:
-                        ref = out
-                    err = ((out - ref).abs().max() / ref.abs().max()).item()
-                    ms = median_ms(lambda: decode_partial(q, k, v, softmax_scale=d ** -0.5, backend=backend,
-                                                          splits=splits), device, reps=args.reps)
-                except (ValueError, RuntimeError, torch.OutOfMemoryError) as e:
-                    lines.append(f"| {n} | {backend} | {label} | failed: {str(e).splitlines()[0][:60]} | | |")
-                    continue
-                bw = nbytes / (ms * 1e-3)
-                flag = " (differs!)" if err > 2e-2 else ""
-                lines.append(f"| {n} | {backend} | {label} | {ms * 1e3:.0f} | {bw / 1e12:.2f} |"
-                             f" {100 * bw / copy_bw:.0f}%{flag} |")
-                print(lines[-1], flush=True)
-                if bw > best.get(n, (0, ""))[0]:
-                    best[n] = (bw, f"{backend}, splits {label}")
+        for layout in args.layouts:
+            if layout == "stored":
+                shard = KVShard(*(torch.randn((n, hk, d), generator=g, device=device).to(dt) for _ in range(2)))
+                k, v = shard.k, shard.v
+            else:
+                cache = torch.randn((n, 2, hk, d), generator=g, device=device).to(dt)
+                k, v = cache[:, 0], cache[:, 1]
+            q = torch.randn((args.heads, d), generator=g, device=device).to(dt)
+            nbytes = 2 * n * hk * d * k.element_size()
+            ref = None
+            for backend in backends:
+                for sp in args.splits:
+                    splits = decode_splits(n, hk, device) if sp == "auto" else int(sp)
+                    label = f"auto ({splits})" if sp == "auto" else str(splits)
+                    row = f"| {n} | {layout} | {backend} | {label} |"
+
+                    def call():
+                        return decode_partial(q, k, v, softmax_scale=d ** -0.5, backend=backend, splits=splits)
+                    try:
+                        out, _ = call()
+                        ref = out if ref is None else ref
+                        err = ((out - ref).abs().max() / ref.abs().max()).item()
+                        ms = median_ms(call, device, reps=args.reps)
+                    except (ValueError, RuntimeError, torch.OutOfMemoryError) as e:
+                        lines.append(f"{row} failed: {str(e).splitlines()[0][:60]} | | |")
+                        continue
+                    bw = nbytes / (ms * 1e-3)
+                    flag = " (differs!)" if err > 2e-2 else ""
+                    lines.append(f"{row} {ms * 1e3:.0f} | {bw / 1e12:.2f} | {100 * bw / copy_bw:.0f}%{flag} |")
+                    print(lines[-1], flush=True)
+                    if bw > best.get(n, (0, ""))[0]:
+                        best[n] = (bw, f"{layout}, {backend}, splits {label}")
     lines.append("")
     for n, (bw, what) in best.items():
         lines.append(f"- {n} tokens: best {bw / 1e12:.2f} TB/s = {100 * bw / copy_bw:.0f}% of copy bandwidth ({what})")

@@ -2,7 +2,7 @@
 # GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
 #   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
 # Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo
-#         infer-test decode-bench infer-bench
+#         infer-test decode-bench infer-profile infer-bench
 # `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
 # (megatron-core, deepspeed, pydantic) for an image that lacks them.
 set -uo pipefail
@@ -52,7 +52,10 @@ for s in "$@"; do
       timeout 240 $PY -m pytest tests/inference/test_generate_gpu.py tests/attention/test_pool_kv_cache.py -q -rs -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/infer_test.txt" || rc=1 ;;
     decode-bench)
       stage decode-bench
-      CUDA_VISIBLE_DEVICES=0 timeout 240 $PY tools/bench_decode_attention.py --markdown "$OUT/bench_decode_attention.md" 2>&1 | grep -v -i warn | tail -60 || rc=1 ;;
+      CUDA_VISIBLE_DEVICES=0 timeout 240 $PY tools/bench_decode_attention.py ${DECODE_ARGS:---backends sdpa_cudnn sdpa_flash sdpa_efficient flex --splits 1 auto 4 16} --markdown "$OUT/bench_decode_attention.md" 2>&1 | grep -v -i warn | tail -60 || rc=1 ;;
+    infer-profile)
+      stage infer-profile
+      CUDA_VISIBLE_DEVICES=0 timeout 200 bash tools/profile_inference.sh configs/paper_dense_pool.json ${PROFILE_LEN:-8192} 64 40 2>&1 | tee "$OUT/infer_profile.txt" | grep -v -i warn | tail -45 || rc=1 ;;
     infer-bench)
       stage infer-bench
       timeout 590 $PY tools/bench_inference.py --deepspeed_config configs/paper_dense_pool.json \

@@ -33,6 +33,7 @@ from .client import _named_failure, _nbytes
 from .protocol import DTYPES, Header, Op, int64_tensor
 
 __all__ = [
+    "KVShard",
     "KVShardStore",
     "PoolKVCache",
     "decode_partial",
@@ -107,40 +108,45 @@ def decode_partial(q, k, v, *, softmax_scale: float, backend: str = "auto", spli
     return (torch.exp(lses - m)[..., None] * outs).sum(0), m
 
 
-class _GrowingKV:
-    """One layer's K/V shard of one request (copied in), with room to append (doubling when full)."""
+class KVShard:
+    """One layer's K/V shard of one request: K and V each in its own buffer, with room to append.
+
+    ``k`` and ``v`` are contiguous ``[length, hk, d]`` views, so attention kernels read
+    them in place (an interleaved ``[length, 2, hk, d]`` layout made every decode step
+    copy the whole cache first). The buffers double when full.
+    """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.length = k.shape[0]
         cap = self.length + max(64, self.length // 16)  # room for a generation; a long one doubles it
-        self.kv = k.new_empty((cap, 2) + tuple(k.shape[1:]))
-        self.kv[: self.length, 0], self.kv[: self.length, 1] = k, v
+        self._k = k.new_empty((cap,) + tuple(k.shape[1:]))
+        self._v = v.new_empty((cap,) + tuple(v.shape[1:]))
+        self._k[: self.length], self._v[: self.length] = k, v
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.length == self.kv.shape[0]:
-            grown = self.kv.new_empty((2 * self.kv.shape[0],) + tuple(self.kv.shape[1:]))
-            grown[: self.length] = self.kv[: self.length]
-            self.kv = grown
-        self.kv[self.length, 0], self.kv[self.length, 1] = k, v
+        if self.length == self._k.shape[0]:
+            self._k = torch.cat((self._k[: self.length], torch.empty_like(self._k)))
+            self._v = torch.cat((self._v[: self.length], torch.empty_like(self._v)))
+        self._k[self.length], self._v[self.length] = k, v
         self.length += 1
 
     @property
     def k(self):
-        return self.kv[: self.length, 0]
+        return self._k[: self.length]
 
     @property
     def v(self):
-        return self.kv[: self.length, 1]
+        return self._v[: self.length]
 
     def nbytes(self) -> int:
-        return self.length * 2 * self.kv[0, 0].numel() * self.kv.element_size()
+        return self.length * (self._k[0].numel() + self._v[0].numel()) * self._k.element_size()
 
 
 @dataclass
 class KVShardStore:
     """The K/V shards one rank holds: ``(request, layer) -> shard``."""
 
-    shards: dict[tuple[int, int], _GrowingKV] = field(default_factory=dict)
+    shards: dict[tuple[int, int], KVShard] = field(default_factory=dict)
 
     def tokens(self, request: int, layer: int) -> int:
         s = self.shards.get((request, layer))
@@ -154,7 +160,7 @@ class KVShardStore:
         return sum(s.nbytes() for s in self.shards.values())
 
     def put(self, request: int, layer: int, k, v) -> None:
-        self.shards[(request, layer)] = _GrowingKV(k, v)
+        self.shards[(request, layer)] = KVShard(k, v)
 
     def free(self, request: int) -> None:
         for key in [key for key in self.shards if key[0] == request]:
