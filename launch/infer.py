@@ -246,7 +246,8 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
         if dist.get_rank() == 0:
             print(_report(gens, texts, tok, wall), flush=True)
         rows = [dict(id=g.id, prompt_len=g.prompt_len, new_tokens=len(g.tokens), pooled=g.pooled, ttft_s=g.ttft_s,
-                     tpot_s=g.tpot_s, decode_s=g.decode_s, kv_tokens_on_base=g.kv_tokens_on_base) for g in gens]
+                     tpot_s=g.tpot_s, done_s=g.done_s, decode_s=g.decode_s,
+                     kv_tokens_on_base=g.kv_tokens_on_base) for g in gens]
         results.append({"name": name, "wall_s": wall, "requests": rows})
     if pool is not None:
         pool.shutdown(device)

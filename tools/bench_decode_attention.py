@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             ref = None
             for backend in backends:
                 for sp in args.splits:
-                    splits = decode_splits(n, hk, device) if sp == "auto" else int(sp)
+                    splits = decode_splits(n, hk, device, backend) if sp == "auto" else int(sp)
                     label = f"auto ({splits})" if sp == "auto" else str(splits)
                     row = f"| {n} | {layout} | {backend} | {label} |"
 

@@ -2,7 +2,7 @@
 # GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
 #   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
 # Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo
-#         infer-test decode-bench infer-profile infer-bench
+#         infer-test decode-bench infer-profile infer-bench mixed-bench
 # `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
 # (megatron-core, deepspeed, pydantic) for an image that lacks them.
 set -uo pipefail
@@ -63,6 +63,11 @@ for s in "$@"; do
         --new-tokens ${INFER_NEW:-32} --timeout ${INFER_TIMEOUT:-200} --strategies ${INFER_STRATEGIES:-single tp2 pp2 pool} \
         --calibration configs/calibration/h200x2_paper_dense.json --plot "$OUT/bench_inference.png" \
         --output "$OUT/bench_inference.json" --log-dir "$OUT/infer_logs" 2>&1 | tee "$OUT/infer_bench.log" || rc=1 ;;
+    mixed-bench)
+      stage mixed-bench
+      timeout 590 $PY tools/bench_mixed_workload.py --deepspeed_config configs/paper_dense_pool.json \
+        --requests ${MIXED_REQUESTS:-40} --strategies ${MIXED_STRATEGIES:-single tp2 pool} --timeout 200 \
+        --markdown "$OUT/bench_mixed.md" --output "$OUT/bench_mixed.json" --log-dir "$OUT/mixed_logs" 2>&1 | grep -v -i warn | tail -12 || rc=1 ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
 done

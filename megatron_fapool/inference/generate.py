@@ -40,6 +40,7 @@ class Generation:
     pooled: bool = False
     ttft_s: float = 0.0  # from the start of the batch to this request's first token
     decode_s: list[float] = field(default_factory=list)  # time of each decode step
+    done_s: float = 0.0  # from the start of the batch to this request's last token
     kv_tokens_on_base: int = 0  # K/V tokens this base rank held at the end (all layers)
 
     @property
@@ -162,7 +163,7 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
             out.tokens.append(token)
             out.pooled = session.is_pooled(r.id)
             _sync(device)
-            out.ttft_s = time.perf_counter() - start
+            out.ttft_s = out.done_s = time.perf_counter() - start
         live = [r for r in requests if not _done(results[r.id], r, stop_token)]
         while live:  # decode: batches of live requests, round-robin
             size = decode_batch or len(live)
@@ -175,9 +176,11 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
                     tokens = _next_tokens(model, ids, positions, device, tp_group, pp_group, pick)
                 _sync(device)
                 dt = time.perf_counter() - t0
+                now = time.perf_counter() - start
                 for o, token in zip(outs, tokens):
                     o.tokens.append(token)
                     o.decode_s.append(dt)
+                    o.done_s = now
             live = [r for r in live if not _done(results[r.id], r, stop_token)]
         for r in requests:
             results[r.id].kv_tokens_on_base = session.tokens_held(r.id)

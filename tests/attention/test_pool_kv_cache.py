@@ -142,7 +142,8 @@ def test_decode_splits_rule():
     from megatron_fapool.attention.pool.kv_cache import decode_splits
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert decode_splits(1 << 17, 32, cpu) == 1
-    assert decode_splits(1 << 17, 32, cuda) == 16  # 512 work items / 32 kv heads
-    assert decode_splits(8192, 32, cuda) == 4  # at least 2048 keys per piece
-    assert decode_splits(1000, 8, cuda) == 1
+    assert decode_splits(1 << 17, 32, cpu, "math") == 1
+    assert decode_splits(1 << 17, 32, cuda, "sdpa_efficient") == 16  # 512 work items / 32 kv heads
+    assert decode_splits(8192, 32, cuda, "flex") == 4  # at least 2048 keys per piece
+    assert decode_splits(1000, 8, cuda, "sdpa_efficient") == 1
+    assert decode_splits(1 << 17, 32, cuda, "sdpa_cudnn") == 1  # splits the keys itself

@@ -69,3 +69,15 @@ def test_bench_decode_attention_smoke(tmp_path):
           "--copy-gib", "0.01", "--reps", "1", "--markdown", str(md)])
     rows = [line for line in md.read_text().splitlines() if line.startswith("| 600 |")]
     assert len(rows) == 4 and not any("differs" in r or "failed" in r for r in rows)
+
+
+def test_mixed_workload_draws_and_percentiles():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from bench_mixed_workload import percentile, workload
+
+    lengths = workload(40, 0.1, (512, 2048), (32768, 131072), 131040, seed=0)
+    assert len(lengths) == 40 and sum(x >= 32768 for x in lengths) == 4
+    assert all(512 <= x <= 2048 or 32768 <= x <= 131040 for x in lengths)
+    assert lengths == workload(40, 0.1, (512, 2048), (32768, 131072), 131040, seed=0)  # seeded
+    assert percentile(list(range(1, 101)), 50) == 50 and percentile(list(range(1, 101)), 99) == 99
+    assert percentile([3.0], 99) == 3.0

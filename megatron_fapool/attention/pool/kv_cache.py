@@ -23,12 +23,13 @@ before any header is sent, so the pool's state for other requests is never touch
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from ..local import attention_forward, merge_partials
+from ..local import attention_forward, merge_partials, select_backend
 from .client import _named_failure, _nbytes
 from .protocol import DTYPES, Header, Op, int64_tensor
 
@@ -65,18 +66,31 @@ def next_owner(sizes: list[int]) -> int:
 MIN_SPLIT_KEYS = 2048
 #: Target (split, kv head) work items per decode kernel on CUDA: a few per SM of a large GPU.
 CUDA_DECODE_ITEMS = 512
+#: Kernels that spread one query row's long key range over the GPU themselves. Measured
+#: on H200 (tools/bench_decode_attention.py, 128K keys): cuDNN 87% of copy bandwidth
+#: whole, 78% split; FA2 82% whole, 54% split 16; memory-efficient 11% whole, 52% split.
+SELF_SPLITTING = ("sdpa_cudnn", "sdpa_flash", "flash_attn")
 
 
-def decode_splits(n: int, kv_heads: int, device: torch.device) -> int:
+def decode_splits(n: int, kv_heads: int, device: torch.device, backend: str) -> int:
     """How many sequence pieces one decode query's attention over ``n`` keys runs as.
 
-    One query row gives a flash kernel only ``kv_heads`` work items: far too few to
-    stream a long cache at the GPU's bandwidth. Splitting the keys into pieces run as a
-    batch (merged by log-sum-exp) multiplies them ("flash decoding"). On CPU: 1.
+    One query row gives a kernel that does not split keys itself only ``kv_heads`` work
+    items: far too few to stream a long cache at the GPU's bandwidth. Splitting the keys
+    into pieces run as a batch (merged by log-sum-exp) multiplies them ("flash
+    decoding"). 1 on CPU and for :data:`SELF_SPLITTING` kernels.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or backend in SELF_SPLITTING:
         return 1
     return max(1, min(CUDA_DECODE_ITEMS // max(kv_heads, 1), n // MIN_SPLIT_KEYS))
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_decode_backend(device: torch.device, dtype: torch.dtype, hq: int, hk: int, d: int) -> str:
+    """What ``auto`` resolves to for a decode call of this kind (resolved once, not per call)."""
+    q = torch.empty((1, 1, hq, d), dtype=dtype, device=device)
+    kv = torch.empty((1, 1, hk, d), dtype=dtype, device=device)
+    return select_backend(q, kv, kv, causal=False, requires_backward=False)
 
 
 def decode_partial(q, k, v, *, softmax_scale: float, backend: str = "auto", splits: int | None = None):
@@ -91,7 +105,9 @@ def decode_partial(q, k, v, *, softmax_scale: float, backend: str = "auto", spli
     n = k.shape[0]
     if n == 0:
         return q.new_zeros((hq, d), dtype=torch.float32), torch.full((hq,), float("-inf"), device=q.device)
-    splits = decode_splits(n, k.shape[1], q.device) if splits is None else max(1, min(splits, n))
+    if backend == "auto":
+        backend = _auto_decode_backend(q.device, q.dtype, hq, k.shape[1], d)
+    splits = decode_splits(n, k.shape[1], q.device, backend) if splits is None else max(1, min(splits, n))
     piece = n // splits
     main = piece * splits
     qq = q[None, None].expand(splits, 1, hq, d).contiguous()
