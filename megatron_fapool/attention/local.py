@@ -97,6 +97,7 @@ from megatron_fapool import _optional
 __all__ = [
     "BACKENDS",
     "AUTO_PREFERENCE",
+    "kernel_forward",
     "MATH_CHUNK_ROWS",
     "MATH_CHUNK_ELEMENTS",
     "attention_forward",
@@ -1010,6 +1011,19 @@ def attention_forward(
     """
     out, lse, _ = _forward_impl(q, k, v, causal, softmax_scale, backend, requires_backward=False)
     return out, lse
+
+
+def kernel_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_scale: float, backend: str):
+    """The named backend's forward kernel called directly: no validation, planning or fallback.
+
+    For hot loops (a decode step: one call per layer and request) whose inputs the
+    caller has checked once and whose backend it resolved once (:func:`select_backend`):
+    ``backend`` must be able to do the call, q/k/v ``[b, s, h, d]`` with the last dim
+    contiguous, ``causal`` only with ``sq == sk``. Returns ``(out, lse)`` as the kernel
+    gives them (out in q's dtype; lse ``[b, hq, sq]``, float32 or wider).
+    """
+    fwd, _, _ = _kernels(backend, q.device)
+    return fwd(q, k, v, causal, softmax_scale)
 
 
 def attention_backward(

@@ -147,3 +147,23 @@ def test_decode_splits_rule():
     assert decode_splits(8192, 32, cuda, "flex") == 4  # at least 2048 keys per piece
     assert decode_splits(1000, 8, cuda, "sdpa_efficient") == 1
     assert decode_splits(1 << 17, 32, cuda, "sdpa_cudnn") == 1  # splits the keys itself
+
+
+def test_decode_partial_refuses_mismatched_inputs():
+    from megatron_fapool.attention.pool.kv_cache import decode_partial
+
+    q, k = torch.randn(H, D), torch.randn(10, HK, D)
+    for args in ((q, k, torch.randn(10, HK, D + 1)), (q, k.double(), k.double()), (torch.randn(3, D), k, k)):
+        with pytest.raises(ValueError, match="decode takes q"):
+            decode_partial(*args, softmax_scale=SCALE)
+
+
+def test_kernel_forward_equals_attention_forward():
+    from megatron_fapool.attention.local import attention_forward, kernel_forward
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 1, H, D, generator=g), torch.randn(2, 33, HK, D, generator=g), torch.randn(2, 33, HK, D, generator=g)
+    for backend in ("math", "sdpa_flash"):
+        out, lse = kernel_forward(q, k, v, causal=False, softmax_scale=SCALE, backend=backend)
+        ref_out, ref_lse = attention_forward(q, k, v, causal=False, softmax_scale=SCALE, backend=backend)
+        assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(lse.float(), ref_lse.float(), atol=1e-6)

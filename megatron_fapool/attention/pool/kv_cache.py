@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..local import attention_forward, merge_partials, select_backend
+from ..local import kernel_forward, merge_partials, select_backend
 from .client import _named_failure, _nbytes
 from .protocol import DTYPES, Header, Op, int64_tensor
 
@@ -102,24 +102,31 @@ def decode_partial(q, k, v, *, softmax_scale: float, backend: str = "auto", spli
     (it then drops out of the merge).
     """
     hq, d = q.shape
-    n = k.shape[0]
+    n, hk = k.shape[0], k.shape[1]
+    if k.shape != v.shape or k.shape[-1] != d or hq % hk or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"decode takes q [hq, d] and k/v [n, hk, d] of one dtype with hk dividing hq, got"
+                         f" {tuple(q.shape)} {q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
     if n == 0:
         return q.new_zeros((hq, d), dtype=torch.float32), torch.full((hq,), float("-inf"), device=q.device)
     if backend == "auto":
-        backend = _auto_decode_backend(q.device, q.dtype, hq, k.shape[1], d)
-    splits = decode_splits(n, k.shape[1], q.device, backend) if splits is None else max(1, min(splits, n))
+        backend = _auto_decode_backend(q.device, q.dtype, hq, hk, d)
+    splits = decode_splits(n, hk, q.device, backend) if splits is None else max(1, min(splits, n))
+    k, v = k.contiguous(), v.contiguous()  # no-op for a KVShard's views
     piece = n // splits
     main = piece * splits
-    qq = q[None, None].expand(splits, 1, hq, d).contiguous()
-    out, lse = attention_forward(qq, k[:main].unflatten(0, (splits, piece)), v[:main].unflatten(0, (splits, piece)),
-                                 causal=False, softmax_scale=softmax_scale, backend=backend)
-    outs, lses = out[:, 0].float(), lse[:, :, 0].float()  # [splits, hq, d], [splits, hq]
-    if main < n:
-        o, l = attention_forward(q[None, None], k[None, main:], v[None, main:], causal=False,
-                                 softmax_scale=softmax_scale, backend=backend)
-        outs, lses = torch.cat((outs, o[:, 0].float())), torch.cat((lses, l[:, :, 0].float()))
-    if outs.shape[0] == 1:
+
+    def attend(qq, kk, vv):  # [b, 1, hq, d], [b, m, hk, d] -> [b, hq, d], [b, hq] fp32
+        out, lse = kernel_forward(qq, kk, vv, causal=False, softmax_scale=softmax_scale, backend=backend)
+        return out[:, 0].float(), lse[:, :, 0].float()
+
+    if splits == 1:
+        outs, lses = attend(q[None, None], k[None], v[None])
         return outs[0], lses[0]
+    outs, lses = attend(q[None, None].expand(splits, 1, hq, d).contiguous(),
+                        k[:main].unflatten(0, (splits, piece)), v[:main].unflatten(0, (splits, piece)))
+    if main < n:
+        o, l = attend(q[None, None], k[None, main:], v[None, main:])
+        outs, lses = torch.cat((outs, o)), torch.cat((lses, l))
     m = torch.logsumexp(lses, dim=0)  # [hq]
     return (torch.exp(lses - m)[..., None] * outs).sum(0), m
 
