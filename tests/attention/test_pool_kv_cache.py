@@ -64,7 +64,7 @@ def _body(rank, world, requests):
             cache.store(rid, layer, k, v, members=members)
             full[(rid, layer)] = (k, v)
     held_by_base = {rid: cache.tokens_held(rid) for rid in requests}
-    errors = []
+    errors, misuse = [], []
     # bad input first: it must fail on the base and leave every request decodable
     bad = []
     ids = list(requests)
@@ -88,6 +88,13 @@ def _body(rank, world, requests):
                 q = torch.randn(len(batch), H, D, generator=g)
                 kn, vn = torch.randn(len(batch), HK, D, generator=g), torch.randn(len(batch), HK, D, generator=g)
                 out = cache.decode(batch, layer, q, kn, vn, softmax_scale=SCALE)
+                if step == 0 and layer == 0:  # mid-step misuse is refused before anything moves
+                    for call in (lambda: cache.decode(batch, 0, q, kn, vn, softmax_scale=SCALE),
+                                 lambda: cache.free(batch[0])):
+                        try:
+                            call()
+                        except RuntimeError as e:
+                            misuse.append(str(e))
                 for i, rid in enumerate(batch):
                     k, v = full[(rid, layer)]
                     full[(rid, layer)] = (torch.cat((k, kn[i, None])), torch.cat((v, vn[i, None])))
@@ -96,7 +103,8 @@ def _body(rank, world, requests):
     for rid in requests:
         cache.free(rid)
     client.shutdown(torch.device("cpu"))
-    return {"errors": errors, "held_by_base": held_by_base, "bad": bad, "stats": client.stats.as_dict()}
+    return {"errors": errors, "held_by_base": held_by_base, "bad": bad, "misuse": misuse,
+            "stats": client.stats.as_dict()}
 
 
 @pytest.mark.parametrize("world, requests", [
@@ -108,6 +116,7 @@ def test_decode_over_sharded_cache(world, requests):
     base = res[0]
     assert max(base["errors"]) < 1e-5, max(base["errors"])
     assert base["bad"] == ["KeyError", "ValueError", "ValueError", "ValueError"]
+    assert "expects layer 1 next" in base["misuse"][0] and "middle of a decode step" in base["misuse"][1]
     for rid, (n, members) in requests.items():
         # the base holds only its shard: about 1/members of the prompt, per layer
         assert base["held_by_base"][rid] == LAYERS * prefill_shards(n, members)[0][1]

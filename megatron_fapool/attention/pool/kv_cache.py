@@ -3,13 +3,15 @@
 For inference (issue 5). After the prefill of a pooled request, each layer's K/V is
 split along the sequence over the ``members`` of the base rank's attention group (the
 base rank is member 0 and keeps its own shard; member ``j`` keeps the ``j``-th
-contiguous range): no holder has it whole. A decode step of one layer, for a batch of
-pooled requests of this base rank, then moves in one exchange
+contiguous range): no holder has it whole. A decode step of a batch of pooled requests
+of this base rank then moves
 
-* the batch's ``(request, owner)`` pairs and its new queries and new k, v rows, in one
-  broadcast to every member (a few KiB per request; each new k, v row is stored only
-  by its owner, the member with the fewest tokens of that request), and
-* each member's partial results ``(out, lse)`` over its shards, gathered to the base,
+* once per step: the batch's ``(request, owner)`` pairs and the layers that follow
+  (the owner of a request's new token is the member holding the fewest of its tokens;
+  every layer has the same), so the pool queues all layers' work at once;
+* per layer: the batch's new queries and new k, v rows, in one broadcast to every
+  member (a few KiB per request; each new k, v row is stored only by its owner), and
+  each member's partial results ``(out, lse)`` over its shards, gathered to the base,
 
 and the base merges the partials with the log-sum-exp rule. Nothing is replicated at
 rest and no K/V moves after the prefill. :func:`prefill_shards` and
@@ -196,6 +198,18 @@ class _Request:
     sizes: dict[int, list[int]] = field(default_factory=dict)  # layer -> tokens per member
 
 
+@dataclass
+class _DecodeStep:
+    """A decode step announced to the pool: its requests, their owners and the layers that follow, in order."""
+
+    requests: tuple[int, ...]
+    owners: list[int]
+    layers: list[int]
+    members: int
+    shape: tuple  # (q shape, k shape, dtype, softmax scale), the same for every layer
+    done: int = 0  # layers exchanged so far
+
+
 class PoolKVCache:
     """Base-rank side: prefill-store, decode and free pooled requests' K/V (one per base rank)."""
 
@@ -204,6 +218,7 @@ class PoolKVCache:
         self.backend = backend
         self.local = KVShardStore()  # this rank's own shards (member 0)
         self.requests: dict[int, _Request] = {}
+        self._step: _DecodeStep | None = None  # the decode step whose layers are being exchanged
         self._device = None
 
     # -- helpers -------------------------------------------------------------------
@@ -254,52 +269,86 @@ class PoolKVCache:
         self.local.put(request, layer, k[lo:hi], v[lo:hi])
 
     def decode(self, requests: list[int], layer: int, q, k_new, v_new, *, softmax_scale: float) -> torch.Tensor:
-        """One decode step of ``layer`` for a batch of pooled requests, in one exchange with the pool.
+        """Attention of ``layer`` in a decode step of a batch of pooled requests.
 
         q ``[n, hq, d]``, k/v_new ``[n, hk, d]`` (row ``i`` belongs to ``requests[i]``) ->
         ``[n, hq, d]``. The new k, v join each cache first (causal: a token attends to
-        itself). Requests may be spread over different numbers of members; the exchange
-        runs over the largest group and a member holding nothing of a request returns an
-        empty partial for it.
+        itself). A step's first call (its first stored layer) tells the pool once which
+        requests, owners and layers follow, so the pool queues every layer's work at
+        once and no layer waits for a host round trip there; the step's later calls
+        must then come for the same requests, layer after layer in order. Requests may be
+        spread over different numbers of members; the exchange runs over the largest
+        group and a member holding nothing of a request returns an empty partial for it.
         """
-        requests = list(requests)
+        requests = tuple(requests)
+        n = len(requests)
+        shape_ok = (q.dim() == 3 and q.shape[0] == n and k_new.dim() == 3 and k_new.shape == v_new.shape
+                    and k_new.shape[0] == n and k_new.shape[-1] == q.shape[-1])
+        step = self._step
+        if step is None:
+            step = self._begin(requests, layer, shape_ok, q, k_new, v_new, softmax_scale)
+        elif step.requests != requests or step.layers[step.done] != layer or not shape_ok \
+                or step.shape != (tuple(q.shape), tuple(k_new.shape), q.dtype, softmax_scale):
+            raise RuntimeError(
+                f"the decode step of requests {list(step.requests)} expects layer {step.layers[step.done]} next"
+                f" with q {step.shape[0]}, got requests {list(requests)} layer {layer} q {tuple(q.shape)}"
+            )
+        out = _named_failure(f"KV decode of base rank {self.client.rank}", self.client.pool_ranks[: step.members - 1],
+                             self._exchange, step, layer, q, k_new, v_new)
+        step.done += 1
+        if step.done == len(step.layers):  # every layer appended each request's token on its owner
+            for rid, owner in zip(step.requests, step.owners):
+                for sizes in self.requests[rid].sizes.values():
+                    sizes[owner] += 1
+            self._step = None
+        return out
+
+    def _begin(self, requests, layer, shape_ok, q, k_new, v_new, scale) -> "_DecodeStep":
+        """Check a new step's input, then announce it to the pool (nothing is sent on bad input)."""
         if len(set(requests)) != len(requests):
-            raise ValueError(f"a decode batch names a request twice: {requests}")
+            raise ValueError(f"a decode batch names a request twice: {list(requests)}")
         for rid in requests:
             req = self.requests.get(rid)
             if req is None or layer not in req.sizes:
                 raise KeyError(f"request {rid} layer {layer} has no pooled KV cache (store it at prefill)")
-        n = len(requests)
-        if q.dim() != 3 or q.shape[0] != n or k_new.shape != v_new.shape or k_new.shape[:1] != (n,) \
-                or k_new.shape[-1] != q.shape[-1] or k_new.dim() != 3:
-            raise ValueError(f"decode of {n} requests takes q [n, hq, d] and k/v [n, hk, d], got {tuple(q.shape)},"
-                             f" {tuple(k_new.shape)}, {tuple(v_new.shape)}")
+        if not shape_ok:
+            raise ValueError(f"decode of {len(requests)} requests takes q [n, hq, d] and k/v [n, hk, d], got"
+                             f" {tuple(q.shape)}, {tuple(k_new.shape)}, {tuple(v_new.shape)}")
         reqs = [self.requests[rid] for rid in requests]
-        members = max(r.members for r in reqs)
-        owners = [next_owner(r.sizes[layer]) for r in reqs]
-        out = _named_failure(f"KV decode of base rank {self.client.rank}", self.client.pool_ranks[: members - 1],
-                             self._decode, requests, layer, q, k_new, v_new, members, owners, softmax_scale)
-        for r, owner in zip(reqs, owners):
-            r.sizes[layer][owner] += 1
-        return out
+        layers = sorted(reqs[0].sizes)
+        if any(sorted(r.sizes) != layers for r in reqs) or layer != layers[0]:
+            raise ValueError(f"a decode step runs over the stored layers {layers} from the first; requests"
+                             f" {list(requests)} hold different layers or the step started at layer {layer}")
+        step = _DecodeStep(requests=requests, owners=[next_owner(r.sizes[layer]) for r in reqs], layers=layers,
+                           members=max(r.members for r in reqs),
+                           shape=(tuple(q.shape), tuple(k_new.shape), q.dtype, scale))
+        params = int64_tensor(layers + [x for pair in zip(requests, step.owners) for x in pair], q.device)
+        n, hq, d = q.shape
 
-    def _decode(self, requests, layer, q, k_new, v_new, members, owners, scale):
+        def announce():
+            self.client.send_header(
+                q.device, op=Op.KV_DECODE, n=n, layer=len(layers), heads=hq, kv_heads=k_new.shape[1], head_dim=d,
+                dtype=DTYPES.index(q.dtype), members=step.members, extra=params.numel(),
+                scale_bits=Header.scale_to_bits(scale),
+            )
+            dist.broadcast(params, src=self.client.rank, group=self._group(step.members))
+            self.client.stats.bytes_sent += _nbytes(params) * (step.members - 1)
+        _named_failure(f"KV decode of base rank {self.client.rank}", self.client.pool_ranks[: step.members - 1],
+                       announce)
+        self._step = step
+        return step
+
+    def _exchange(self, step, layer, q, k_new, v_new):
         n, hq, d = q.shape
         hk = k_new.shape[1]
-        group = self._group(members)
-        params = int64_tensor([x for pair in zip(requests, owners) for x in pair], q.device)
-        self.client.send_header(
-            q.device, op=Op.KV_DECODE, n=n, layer=layer, heads=hq, kv_heads=hk, head_dim=d,
-            dtype=DTYPES.index(q.dtype), members=members, extra=params.numel(), scale_bits=Header.scale_to_bits(scale),
-        )
-        dist.broadcast(params, src=self.client.rank, group=group)
+        group = self._group(step.members)
         qkv = torch.cat((q, k_new, v_new), dim=1).contiguous()  # [n, hq + 2 hk, d]: one message for the batch
         dist.broadcast(qkv, src=self.client.rank, group=group)
-        self.client.stats.bytes_sent += (_nbytes(params) + _nbytes(qkv)) * (members - 1)
-        part = _partials(self.local, requests, owners, 0, layer, qkv, hq, hk, scale, self.backend)
-        parts = [torch.empty_like(part) for _ in range(members)]
+        self.client.stats.bytes_sent += _nbytes(qkv) * (step.members - 1)
+        part = _partials(self.local, step.requests, step.owners, 0, layer, qkv, hq, hk, step.shape[3], self.backend)
+        parts = [torch.empty_like(part) for _ in range(step.members)]
         dist.gather(part, parts, dst=self.client.rank, group=group)
-        self.client.stats.bytes_received += _nbytes(part) * (members - 1)
+        self.client.stats.bytes_received += _nbytes(part) * (step.members - 1)
         out, lse = part[:, None, :, :d], part[:, :, d, None]  # merge_partials' [b, s, h, d] / [b, h, s]
         for p in parts[1:]:  # fixed order: the same result on every run
             out, lse = merge_partials(out, lse, p[:, None, :, :d], p[:, :, d, None])
@@ -307,6 +356,9 @@ class PoolKVCache:
 
     def free(self, request: int) -> None:
         """Drop ``request``'s K/V everywhere (no-op for an unknown request)."""
+        if self._step is not None and request in self._step.requests:
+            raise RuntimeError(f"request {request} is in the middle of a decode step (layer"
+                               f" {self._step.layers[self._step.done]} of {self._step.layers} is next)")
         req = self.requests.pop(request, None)
         if req is None:
             return
@@ -348,18 +400,23 @@ def _partials(store: KVShardStore, requests, owners, member: int, layer: int, qk
 
 
 def serve_kv_decode(server, h: Header) -> None:
+    """One decode step: its requests, owners and layers once, then every layer's exchange, queued without waiting."""
     group = server._group(h.members)
     params = torch.empty((h.extra,), dtype=torch.int64, device=server.device)
     dist.broadcast(params, src=server.base, group=group)
-    qkv = torch.empty((h.n, h.heads + 2 * h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
-    dist.broadcast(qkv, src=server.base, group=group)
-    server.stats.bytes_received += _nbytes(params) + _nbytes(qkv)
-    pairs = params.view(-1, 2).tolist()
-    part = _partials(server.kv, [r for r, _ in pairs], [o for _, o in pairs], server.member, h.layer, qkv,
-                     h.heads, h.kv_heads, h.softmax_scale, "auto")
-    dist.gather(part, None, dst=server.base, group=group)
-    server.stats.bytes_sent += _nbytes(part)
-    server.stats.served_forward += 1
+    server.stats.bytes_received += _nbytes(params)
+    vals = params.tolist()
+    layers, pairs = vals[: h.layer], vals[h.layer:]
+    requests, owners = pairs[0::2], pairs[1::2]
+    for layer in layers:
+        qkv = torch.empty((h.n, h.heads + 2 * h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
+        dist.broadcast(qkv, src=server.base, group=group)
+        server.stats.bytes_received += _nbytes(qkv)
+        part = _partials(server.kv, requests, owners, server.member, layer, qkv, h.heads, h.kv_heads,
+                         h.softmax_scale, "auto")
+        dist.gather(part, None, dst=server.base, group=group)
+        server.stats.bytes_sent += _nbytes(part)
+        server.stats.served_forward += 1
 
 
 def serve_kv_free(server, h: Header) -> None:

@@ -24,7 +24,7 @@ class Op:
     HEADS_FORWARD = 4  # the pool splitting heads (dilated attention): see heads.py
     HEADS_BACKWARD = 5
     KV_STORE = 6  # inference: keep a shard of a layer's prefill K/V (kv_cache.py)
-    KV_DECODE = 7  # inference: a batch of new tokens' attention over their sharded caches
+    KV_DECODE = 7  # inference: one decode step (all layers) of a batch over their sharded caches
     KV_FREE = 8  # inference: drop a request's shards
 
 
@@ -61,7 +61,8 @@ class Header:
     scale_bits: int = 0
     backend: int = 0
     # HEADS_FORWARD: int64 entries of the parameter tensor that follows;
-    # KV_DECODE: int64 entries of the (request, owner) pairs that follow (n = requests)
+    # KV_DECODE: int64 entries of the layers, then (request, owner) pairs, that follow
+    # (n = requests, layer = number of layers)
     extra: int = 0
     layer: int = 0  # KV_*: the layer (KV_STORE / KV_FREE: call_id is the request)
 
