@@ -8,8 +8,10 @@ with ``torchrun`` (:func:`launch`), which reports failures as one line.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import yaml
 
-__all__ = ["STRATEGIES", "Strategy", "launch", "write_strategy_config"]
+__all__ = ["STRATEGIES", "Strategy", "launch", "strategy", "strategy_arg", "write_strategy_config"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,15 +29,41 @@ class Strategy:
     gpus: int
     tp: int = 1
     pp: int = 1
-    pool: bool = False  # 1 base + 1 pool rank
+    pool_size: int = 0  # pool ranks in all (shared evenly by the tp * pp base ranks)
 
 
-STRATEGIES = {
-    "single": Strategy(gpus=1),
-    "tp2": Strategy(gpus=2, tp=2),
-    "pp2": Strategy(gpus=2, pp=2),
-    "pool": Strategy(gpus=2, pool=True),
-}
+#: Names: ``single``, or ``tp<N>`` / ``pp<M>`` / ``pool[<P>]`` joined (``pool`` = 1 pool
+#: rank): ``tp2``, ``pp2``, ``pool3`` (1 base + 3 pool), ``tp4pp2``, ``tp2pool6`` (TP 2
+#: + 6 pool ranks, 3 per base rank).
+_NAME = re.compile(r"(?:tp(?P<tp>[1-9]\d*))?(?:pp(?P<pp>[1-9]\d*))?(?:pool(?P<pool>[1-9]\d*)?)?")
+
+
+def strategy(name: str) -> Strategy:
+    """The layout a strategy name stands for; ``ValueError`` for a name that is not one."""
+    m = _NAME.fullmatch(name)
+    if name == "single":
+        return Strategy(gpus=1)
+    if not name or m is None:
+        raise ValueError(f"{name!r} is not a strategy: use single, or tp<N>, pp<M>, pool[<P>] joined"
+                         " (e.g. tp2, pp2, pool3, tp4pp2, tp2pool6)")
+    tp, pp = int(m["tp"] or 1), int(m["pp"] or 1)
+    pool = int(m["pool"] or 1) if "pool" in name else 0
+    if pool % (tp * pp):
+        raise ValueError(f"{name!r}: {pool} pool ranks cannot be shared evenly by {tp * pp} base ranks")
+    return Strategy(gpus=tp * pp + pool, tp=tp, pp=pp, pool_size=pool)
+
+
+#: The 2-GPU comparison the inference and training benchmarks run by default.
+STRATEGIES = {name: strategy(name) for name in ("single", "tp2", "pp2", "pool")}
+
+
+def strategy_arg(name: str) -> str:
+    """argparse ``type`` for a strategy name (a one-line error for a bad one)."""
+    try:
+        strategy(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 def write_strategy_config(json_path: str, strategy: Strategy, workdir: str, name: str) -> str:
@@ -52,9 +80,9 @@ def write_strategy_config(json_path: str, strategy: Strategy, workdir: str, name
     pool = fap.setdefault("attention_pool", {})
     if pool.get("calibration_file") and not os.path.isabs(pool["calibration_file"]):
         pool["calibration_file"] = os.path.join(json_dir, pool["calibration_file"])
-    pool["enabled"] = strategy.pool
-    if strategy.pool:
-        pool["pool_size"] = 1
+    pool["enabled"] = strategy.pool_size > 0
+    if strategy.pool_size:
+        pool["pool_size"] = strategy.pool_size
     path = os.path.join(workdir, f"{name}.json")
     with open(path, "w") as f:
         json.dump(data, f)

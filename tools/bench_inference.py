@@ -15,14 +15,17 @@ Strategies on the same GPUs and weights:
 * ``tp2``    - static tensor parallelism over 2 GPUs, no pool;
 * ``pp2``    - static pipeline parallelism over 2 GPUs (2 stages, each its layers' KV cache), no pool;
 * ``pool``   - 1 base + 1 pool GPU: prefill through the pool above the threshold, KV
-  cache sharded over both GPUs, decode merging their partial results.
+  cache sharded over both GPUs, decode merging their partial results;
+* any other layout by name (``--strategies single pool3 tp4 tp2pp2`` on 4 GPUs,
+  ``tp2 tp2pool2 tp2pool4 tp2pool6 tp8 tp4pp2 tp2pp4`` on 8): ``tp<N>``, ``pp<M>``,
+  ``pool<P>`` joined, P pool ranks shared by the TP x PP base ranks.
 
 A length at or above the model's ``max_position_embeddings`` is run at the longest
 prompt that still fits the new tokens (131072 -> 131056 with 16 new tokens).
 TTFT = mean time to first token (prefill); TPOT = mean decode step time (p50: median
 step); TPS = (input + output tokens) / wall time of the batch. With ``--calibration``
-the measured break-even of the pool (the length from which its TPS stays at or above
-the base GPU alone) is set beside the calibrated threshold. ``--plot`` needs
+the measured break-even of each pooled strategy (the length from which its TPS stays
+at or above the base GPU alone) is set beside the calibrated threshold. ``--plot`` needs
 matplotlib (``pip install matplotlib``); ``--plot-only FILE.json`` redraws a saved result.
 """
 
@@ -38,7 +41,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_fapool.benchmarking import STRATEGIES, launch, write_strategy_config  # noqa: E402
+from megatron_fapool.benchmarking import STRATEGIES, launch, strategy, strategy_arg, write_strategy_config  # noqa: E402,E501
 from megatron_fapool.config import ConfigError  # noqa: E402
 from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
 
@@ -48,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--deepspeed_config", "--deepspeed-config", help="DeepSpeed JSON with a fapool section")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384, 32768, 65536, 131072])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="prompts per batch (each is swept)")
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), type=strategy_arg,
+                   help="single, tp2, pp2, pool (1 base + 1 pool) or any tp<N>pp<M>pool<P> (e.g. pool3, tp4pp2)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--calibration", default=None, help="calibration JSON whose threshold the break-even is set beside")
     p.add_argument("--timeout", type=int, default=540, help="seconds per strategy (all its lengths and batches)")
@@ -64,23 +68,23 @@ def _median(xs):
     return 0.5 * (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) if xs else 0.0
 
 
-def run_strategy(args, strategy: str, workdir: str) -> list[dict]:
+def run_strategy(args, name: str, workdir: str) -> list[dict]:
     """One launch of launch/infer.py sweeping every (length, batch size); a row per pair."""
-    st = STRATEGIES[strategy]
+    st = strategy(name)
     points = [(min(n, args.max_positions - args.new_tokens), b) for n in args.lengths for b in args.batch_sizes]
-    cfg = write_strategy_config(args.deepspeed_config, st, workdir, strategy)
-    metrics = os.path.join(workdir, f"{strategy}.out.json")
+    cfg = write_strategy_config(args.deepspeed_config, st, workdir, name)
+    metrics = os.path.join(workdir, f"{name}.out.json")
     wall, error = launch(
         "infer.py", st.gpus,
         ["--deepspeed_config", cfg, "--random-weights", "--sweep", *[f"{n}x{b}" for n, b in points],
          "--max-new-tokens", str(args.new_tokens), "--warmup", "--metrics-json", metrics],
-        port=29300 + len(strategy), timeout=args.timeout,
-        log_path=os.path.join(args.log_dir, f"{strategy}.log") if args.log_dir else None,
+        port=29300 + len(name), timeout=args.timeout,
+        log_path=os.path.join(args.log_dir, f"{name}.log") if args.log_dir else None,
     )
     done = {w["name"]: w for w in json.load(open(metrics))["workloads"]} if os.path.exists(metrics) else {}
     rows = []
     for n, b in points:
-        row = {"strategy": strategy, "n": n, "gpus": st.gpus, "batch": b, "run_wall_s": wall}
+        row = {"strategy": name, "n": n, "gpus": st.gpus, "batch": b, "run_wall_s": wall}
         w = done.get(f"{n}x{b}")
         if w is None:
             row["error"] = error or "no metrics written"
@@ -102,7 +106,8 @@ def table(rows) -> str:
     out = ["| strategy | GPUs | prompt | batch | TTFT (ms) | TPOT (ms) | TPOT p50 (ms) | TPS | TPOT vs 1 GPU"
            " | TPS vs 1 GPU | pooled |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["batch"], r["n"], list(STRATEGIES).index(r["strategy"]))):
+    order = list(dict.fromkeys(r["strategy"] for r in rows))  # as run
+    for r in sorted(rows, key=lambda r: (r["batch"], r["n"], order.index(r["strategy"]))):
         if "error" in r:
             out.append(f"| {r['strategy']} | {r['gpus']} | {r['n']} | {r['batch']} | failed: {r['error']} |"
                        " | | | | | |")
@@ -116,16 +121,16 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
-def break_even(rows, batch: int) -> float | None:
-    """The prompt length from which the pool's TPS stays >= the base GPU alone's (log-interpolated).
+def break_even(rows, batch: int, pooled: str = "pool") -> float | None:
+    """The prompt length from which ``pooled``'s TPS stays >= the base GPU alone's (log-interpolated).
 
-    ``None`` when the pool never catches up; the shortest length when it never falls behind.
+    ``None`` when it never catches up; the shortest length when it never falls behind.
     """
     ratio = {}
     for r in rows:
-        if r["batch"] == batch and "error" not in r and r["strategy"] in ("single", "pool"):
+        if r["batch"] == batch and "error" not in r and r["strategy"] in ("single", pooled):
             ratio.setdefault(r["n"], {})[r["strategy"]] = r["tps"]
-    pts = sorted((n, v["pool"] / v["single"]) for n, v in ratio.items() if len(v) == 2)
+    pts = sorted((n, v[pooled] / v["single"]) for n, v in ratio.items() if len(v) == 2)
     if not pts or pts[-1][1] < 1:
         return None
     i = len(pts) - 1
@@ -139,14 +144,17 @@ def break_even(rows, batch: int) -> float | None:
 
 
 def break_even_report(rows, calibration: str | None) -> str:
+    """One line per batch size and pooled strategy: its break-even, beside the calibrated threshold."""
     threshold = json.load(open(calibration))["threshold"] if calibration else None
+    pooled = sorted({r["strategy"] for r in rows if strategy(r["strategy"]).pool_size})
     lines = []
     for b in sorted({r["batch"] for r in rows}):
-        be = break_even(rows, b)
-        line = f"batch {b}: pool TPS >= 1 GPU from {'never' if be is None else f'{be:,.0f} tokens'}"
-        if threshold and be:
-            line += f"; calibrated threshold {threshold:,} tokens ({(threshold - be) / be * 100:+.0f}% off)"
-        lines.append(line)
+        for s in pooled:
+            be = break_even(rows, b, s)
+            line = f"batch {b}: {s} TPS >= 1 GPU from {'never' if be is None else f'{be:,.0f} tokens'}"
+            if threshold and be:
+                line += f"; calibrated threshold {threshold:,} tokens ({(threshold - be) / be * 100:+.0f}% off)"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -161,14 +169,15 @@ def plot(rows, path: str, title: str = "") -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     batches = sorted({r.get("batch", 1) for r in rows})
     styles = ["-", "--", ":", "-."]
-    for s in sorted({r["strategy"] for r in rows}):
+    names = sorted({r["strategy"] for r in rows})
+    for s in names:
         for j, b in enumerate(batches):
             ok = sorted((r for r in rows if r["strategy"] == s and r.get("batch", 1) == b and "error" not in r),
                         key=lambda r: r["n"])
             if not ok:
                 continue
             xs, label = [r["n"] for r in ok], s if len(batches) == 1 else f"{s}, batch {b}"
-            color = f"C{sorted(STRATEGIES).index(s)}" if s in STRATEGIES else None
+            color = f"C{names.index(s) % 10}"
             kw = dict(marker="o", label=label, linestyle=styles[j % len(styles)], color=color)
             axes[0].plot(xs, [r["tpot_s"] * 1e3 for r in ok], **kw)
             axes[1].plot(xs, [r["tps"] for r in ok], **kw)

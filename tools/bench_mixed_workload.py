@@ -27,7 +27,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_fapool.benchmarking import STRATEGIES, launch, write_strategy_config  # noqa: E402
+from megatron_fapool.benchmarking import launch, strategy, strategy_arg, write_strategy_config  # noqa: E402
 from megatron_fapool.config import ConfigError  # noqa: E402
 from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
 
@@ -35,7 +35,8 @@ from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True)
-    p.add_argument("--strategies", nargs="+", default=["single", "tp2", "pool"], choices=list(STRATEGIES))
+    p.add_argument("--strategies", nargs="+", default=["single", "tp2", "pool"], type=strategy_arg,
+                   help="single, tp2, pp2, pool (1 base + 1 pool) or any tp<N>pp<M>pool<P> (e.g. pool3, tp4pp2)")
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--long-share", type=float, default=0.1)
     p.add_argument("--short", type=int, nargs=2, default=[512, 2048], metavar=("MIN", "MAX"))
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_mixed_") as workdir:
         for s in args.strategies:
-            st = STRATEGIES[s]
+            st = strategy(s)
             cfg = write_strategy_config(args.deepspeed_config, st, workdir, s)
             metrics = os.path.join(workdir, f"{s}.json")
             wall, error = launch(

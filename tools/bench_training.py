@@ -29,7 +29,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_fapool.benchmarking import STRATEGIES, launch, write_strategy_config  # noqa: E402
+from megatron_fapool.benchmarking import launch, strategy, strategy_arg, write_strategy_config  # noqa: E402
 from megatron_fapool.config import ConfigError, load_deepspeed_json  # noqa: E402
 from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
 
@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, help="DeepSpeed JSON with a fapool section")
     p.add_argument("--data-path", required=True, help="indexed dataset prefix (tools/preprocess_data.py)")
     p.add_argument("--seq-lengths", type=int, nargs="+", default=[16384, 65536])
-    p.add_argument("--strategies", nargs="+", default=["single", "tp2", "pool"], choices=["single", "tp2", "pool"])
+    p.add_argument("--strategies", nargs="+", default=["single", "tp2", "pool"], type=strategy_arg,
+                   help="single, tp2, pool (1 base + 1 pool) or any tp<N>pool<P> (e.g. pool3, tp2pool2)")
     p.add_argument("--train-iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2, help="iterations left out of the timing")
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
@@ -48,18 +49,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_one(args, strategy: str, n: int, workdir: str) -> dict:
-    st = STRATEGIES[strategy]
-    cfg = write_strategy_config(args.deepspeed_config, st, workdir, f"{strategy}_{n}")
-    metrics = os.path.join(workdir, f"{strategy}_{n}.jsonl")
+def run_one(args, name: str, n: int, workdir: str) -> dict:
+    st = strategy(name)
+    cfg = write_strategy_config(args.deepspeed_config, st, workdir, f"{name}_{n}")
+    metrics = os.path.join(workdir, f"{name}_{n}.jsonl")
     wall, error = launch(
         "train.py", st.gpus,
         ["--deepspeed_config", cfg, "--data-path", args.data_path, "--data-mode", "packed", "--seq-length", str(n),
          "--train-iters", str(args.train_iters), "--log-interval", "1", "--metrics-file", metrics],
         port=29400 + n % 97, timeout=args.timeout,
-        log_path=os.path.join(args.log_dir, f"{strategy}_{n}.log") if args.log_dir else None,
+        log_path=os.path.join(args.log_dir, f"{name}_{n}.log") if args.log_dir else None,
     )
-    row = {"strategy": strategy, "n": n, "gpus": st.gpus, "wall_s": wall}
+    row = {"strategy": name, "n": n, "gpus": st.gpus, "wall_s": wall}
     if error or not os.path.exists(metrics):
         row["error"] = error or "no metrics written"
         return row

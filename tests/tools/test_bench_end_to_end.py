@@ -20,15 +20,15 @@ def _run(args, timeout=300):
 def test_bench_inference_single_vs_pool(tmp_path):
     out = tmp_path / "r.json"
     text = _run([os.path.join(ROOT, "tools", "bench_inference.py"), "--deepspeed_config", TINY, "--lengths", "100", "300",
-                 "--batch-sizes", "1", "2", "--strategies", "single", "pool", "--new-tokens", "3", "--output", str(out),
+                 "--batch-sizes", "1", "2", "--strategies", "single", "pool3", "--new-tokens", "3", "--output", str(out),
                  "--calibration", os.path.join(ROOT, "configs", "calibration", "h200x2_paper_dense.json")])
     rows = json.loads(out.read_text())["rows"]
     # one launch per strategy sweeps every (length, batch); the pool engages above the threshold (128) only
     assert [(r["strategy"], r["n"], r["batch"], r["pooled"]) for r in rows] == [
         ("single", 100, 1, 0), ("single", 100, 2, 0), ("single", 300, 1, 0), ("single", 300, 2, 0),
-        ("pool", 100, 1, 0), ("pool", 100, 2, 0), ("pool", 300, 1, 1), ("pool", 300, 2, 2)]
+        ("pool3", 100, 1, 0), ("pool3", 100, 2, 0), ("pool3", 300, 1, 1), ("pool3", 300, 2, 2)]
     assert all(r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["tpot_p50_s"] > 0 for r in rows)
-    assert "| pool | 2 | 300 | 2 |" in text and "batch 2: pool TPS >= 1 GPU from" in text
+    assert "| pool3 | 4 | 300 | 2 |" in text and "batch 2: pool3 TPS >= 1 GPU from" in text
 
 
 def test_break_even_interpolates_where_the_pool_stays_ahead():
@@ -81,3 +81,20 @@ def test_mixed_workload_draws_and_percentiles():
     assert lengths == workload(40, 0.1, (512, 2048), (32768, 131072), 131040, seed=0)  # seeded
     assert percentile(list(range(1, 101)), 50) == 50 and percentile(list(range(1, 101)), 99) == 99
     assert percentile([3.0], 99) == 3.0
+
+
+def test_strategy_names():
+    from megatron_fapool.benchmarking import Strategy, strategy
+
+    assert strategy("single") == Strategy(gpus=1)
+    assert strategy("pool") == Strategy(gpus=2, pool_size=1)
+    assert strategy("pool3") == Strategy(gpus=4, pool_size=3)  # issue 7: base TP 1 with pool 0..3 on 4 GPUs
+    assert strategy("tp2pool6") == Strategy(gpus=8, tp=2, pool_size=6)
+    assert strategy("tp4pp2") == Strategy(gpus=8, tp=4, pp=2)
+    for bad in ("tp0", "pooltp2", "tp2pool3", "x"):
+        try:
+            strategy(bad)
+        except ValueError as e:
+            assert repr(bad) in str(e)
+        else:
+            raise AssertionError(bad)
