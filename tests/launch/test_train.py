@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,14 +150,21 @@ def test_checkpoints_are_complete_and_committed(straight_run):
         assert "mp_rank_00_model_states.pt" in names and "mp_rank_01_model_states.pt" in names  # one file per TP shard
 
 
+_PID = re.compile(r"fapool: rank (\d+) pid (\d+)")
+
+
 def _kill_when(proc, pattern: str, rank: int, found: dict):
-    pids = {}
+    """SIGKILL ``rank`` once ``pattern`` was printed and its pid is known.
+
+    Ranks print to one pipe, so a pid line may arrive glued to another rank's output or
+    after the pattern: search anywhere in a line, and kill as soon as both are seen.
+    """
+    pids, seen = {}, False
     for line in proc.stdout:
         found.setdefault("lines", []).append(line)
-        if line.startswith("fapool: rank ") and " pid " in line:
-            parts = line.split()
-            pids[int(parts[2])] = int(parts[4])
-        if pattern in line and "killed_at" not in found:
+        pids.update({int(r): int(p) for r, p in _PID.findall(line)})
+        seen = seen or pattern in line
+        if seen and rank in pids and "killed_at" not in found:
             os.kill(pids[rank], signal.SIGKILL)
             found["killed_at"] = time.monotonic()
 
