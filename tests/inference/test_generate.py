@@ -60,7 +60,6 @@ def _served_body(rank, world, reference, pool_on, decode_batch):
     from megatron.core import parallel_state
 
     from megatron_fapool.attention.pool import AttentionPool, PoolServer
-    from megatron_fapool.config import load_run_config
     from megatron_fapool.inference.generate import Request, generate
     from megatron_fapool.inference.session import InferenceCoreAttention, InferenceSession
     from megatron_fapool.models.gpt import build_gpt_model
@@ -68,7 +67,7 @@ def _served_body(rank, world, reference, pool_on, decode_batch):
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
     from megatron_fapool.testing.megatron_reference import load_sharded
 
-    cfg = load_run_config(CONFIG)
+    cfg = _load(untie=True)
     pool_cfg = cfg.fapool.attention_pool.model_copy(update={"enabled": pool_on, "pool_size": world - 2})
     cfg = dataclasses.replace(cfg, fapool=cfg.fapool.model_copy(update={"attention_pool": pool_cfg}))
     groups = initialize_parallel_groups(layout_from_config(cfg, world))
@@ -147,15 +146,14 @@ def _pipeline_body(rank, world, reference):
 
 
 def test_greedy_generation_pool_equals_static_equals_megatron():
-    reference = run_distributed(_reference_body, 1, timeout=240)[0]
+    reference = run_distributed(_reference_body, 1, True, timeout=240)[0]  # untied: the CPU pipeline needs it
     # pooled: all three requests (two pooled, one local) in each decode forward;
     # static: one request per decode forward
     pooled = run_distributed(_served_body, 4, reference, True, 0, timeout=300)
     static = run_distributed(_served_body, 2, reference, False, 1, timeout=300)
-    untied = run_distributed(_reference_body, 1, True, timeout=240)[0]
-    pipeline = run_distributed(_pipeline_body, 2, untied, timeout=300)
+    pipeline = run_distributed(_pipeline_body, 2, reference, timeout=300)
     for stage in pipeline:  # both stages end with the same tokens; each holds its own layer's K/V
-        assert stage["tokens"] == untied["tokens"]
+        assert stage["tokens"] == reference["tokens"]
         assert stage["kv"][1] == PROMPTS[1] + NEW - 1
     for res in (pooled, static):
         for r in (x for x in res if x["role"] == "base"):

@@ -16,10 +16,8 @@ def _env():
     return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
 
 
-def _rank0(args, world=4):
-    env = dict(_env(), WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
-    return subprocess.run([sys.executable, INFER, "--deepspeed_config", TINY, *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+def _infer(rank0, args):
+    return rank0("infer", ["--deepspeed_config", TINY, *args])
 
 
 def _error_line(proc) -> str:
@@ -29,26 +27,27 @@ def _error_line(proc) -> str:
     return lines[0]
 
 
-def test_prompt_longer_than_the_model():
-    line = _error_line(_rank0(["--random-weights", "--prompt-lengths", "100", "5000", "--max-new-tokens", "4"]))
+def test_prompt_longer_than_the_model(rank0):
+    line = _error_line(_infer(rank0, ["--random-weights", "--prompt-lengths", "100", "5000", "--max-new-tokens", "4"]))
     assert "request 1: prompt 5000 + 4 new tokens = 5004 exceeds the model's max_position_embeddings 4096" in line
 
 
-def test_empty_prompt():
-    assert "request 0: empty prompt" in _error_line(_rank0(["--random-weights", "--prompt", ""]))
+def test_empty_prompt(rank0):
+    assert "request 0: empty prompt" in _error_line(_infer(rank0, ["--random-weights", "--prompt", ""]))
 
 
-def test_no_prompt_and_no_weights():
-    assert "--prompt: no prompt given" in _error_line(_rank0(["--random-weights"]))
-    proc = _rank0(["--prompt", "x"])
+def test_no_prompt_and_no_weights(rank0):
+    assert "--prompt: no prompt given" in _error_line(_infer(rank0, ["--random-weights"]))
+    proc = _infer(rank0, ["--prompt", "x"])
     assert proc.returncode == 2 and "one of the arguments --load --random-weights is required" in proc.stderr
 
 
-def test_bad_sweep():
-    assert "--sweep: '8k': expected LENxBATCH" in _error_line(_rank0(["--random-weights", "--sweep", "8k"]))
-    line = _error_line(_rank0(["--random-weights", "--sweep", "100x2", "5000x1", "--max-new-tokens", "4"]))
+def test_bad_sweep(rank0):
+    assert "--sweep: '8k': expected LENxBATCH" in _error_line(_infer(rank0, ["--random-weights", "--sweep", "8k"]))
+    line = _error_line(_infer(rank0, ["--random-weights", "--sweep", "100x2", "5000x1", "--max-new-tokens", "4"]))
     assert "--sweep: 5000x1: request 0: prompt 5000 + 4 new tokens" in line
-    assert "replaces the prompts" in _error_line(_rank0(["--random-weights", "--sweep", "100x2", "--prompt", "x"]))
+    line = _error_line(_infer(rank0, ["--random-weights", "--sweep", "100x2", "--prompt", "x"]))
+    assert "replaces the prompts" in line
 
 
 def test_data_parallel_replicas_are_refused(tmp_path):
@@ -62,7 +61,7 @@ def test_data_parallel_replicas_are_refused(tmp_path):
     assert "4 ranks make 2 data-parallel replicas" in _error_line(proc)
 
 
-def test_checkpoint_of_another_shape(tmp_path):
+def test_checkpoint_of_another_shape(rank0, tmp_path):
     ckpt = tmp_path / "ckpt"
     (ckpt / "iter_0000010").mkdir(parents=True)
     from megatron_fapool.config import load_run_config
@@ -71,7 +70,7 @@ def test_checkpoint_of_another_shape(tmp_path):
     meta = {"iteration": 10, "model": dict(model_shape(load_run_config(TINY)), hidden_size=96)}
     (ckpt / "iter_0000010" / "fapool_checkpoint.json").write_text(json.dumps(meta))
     (ckpt / "latest").write_text("iter_0000010")
-    line = _error_line(_rank0(["--load", str(ckpt), "--prompt", "x"]))
+    line = _error_line(_infer(rank0, ["--load", str(ckpt), "--prompt", "x"]))
     assert "checkpoint of another model" in line and "hidden_size=96 (this run: 64)" in line
 
 

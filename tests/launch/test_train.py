@@ -213,11 +213,6 @@ def test_sigkill_then_resume_loses_nothing_saved(straight_run, corpus, tmp_path)
 
 # ---- bad input: rank 0 alone fails in the preflight, before any process group ----
 
-def _rank0(args, world=4):
-    env = dict(_env(), WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
-    return subprocess.run([sys.executable, TRAIN, *args], env=env, capture_output=True, text=True, timeout=120)
-
-
 def _error_line(proc) -> str:
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
     lines = [line for line in proc.stderr.splitlines() if line.startswith("fapool: error:")]
@@ -225,33 +220,34 @@ def _error_line(proc) -> str:
     return lines[0]
 
 
-def test_missing_data_path(tmp_path):
+def test_missing_data_path(rank0, tmp_path):
     cfg = _config(tmp_path / "c.json", pool=True)
-    line = _error_line(_rank0(["--deepspeed_config", cfg, "--data-path", str(tmp_path / "nope"), "--train-iters", "2"]))
+    line = _error_line(rank0("train", ["--deepspeed_config", cfg, "--data-path", str(tmp_path / "nope"),
+                                       "--train-iters", "2"]))
     assert "--data-path" in line and "nope.bin not found" in line and "tools/preprocess_data.py" in line
 
 
-def test_zero_stage_3_is_refused(tmp_path, corpus):
+def test_zero_stage_3_is_refused(rank0, tmp_path, corpus):
     cfg = _config(tmp_path / "c.json", pool=True, mutate=lambda d: d["zero_optimization"].update(stage=3))
-    line = _error_line(_rank0(["--deepspeed_config", cfg, "--data-path", corpus, "--train-iters", "2"]))
+    line = _error_line(rank0("train", ["--deepspeed_config", cfg, "--data-path", corpus, "--train-iters", "2"]))
     assert "zero_optimization.stage: 3 is not supported" in line
 
 
-def test_checkpoint_of_another_model_shape(tmp_path, straight_run, corpus):
+def test_checkpoint_of_another_model_shape(rank0, tmp_path, straight_run, corpus):
     yaml_text = open(os.path.join(ROOT, "configs", "models", "tiny_dense.yaml")).read()
     (tmp_path / "wide.yaml").write_text(yaml_text.replace("hidden_size: 64", "hidden_size: 96"))
     cfg = _config(tmp_path / "c.json", pool=True)
-    line = _error_line(_rank0(["--deepspeed_config", cfg, "--yaml-cfg", str(tmp_path / "wide.yaml"),
+    line = _error_line(rank0("train", ["--deepspeed_config", cfg, "--yaml-cfg", str(tmp_path / "wide.yaml"),
                                "--data-path", corpus, "--train-iters", "30",
                                "--load", str(straight_run["dir"] / "ckpt")]))
     assert "--load" in line and "checkpoint of another model" in line and "hidden_size=64 (this run: 96)" in line
 
 
-def test_saving_over_another_runs_checkpoints_is_refused(tmp_path, straight_run, corpus):
+def test_saving_over_another_runs_checkpoints_is_refused(rank0, tmp_path, straight_run, corpus):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight_run["dir"] / "ckpt", ckpt)
     cfg = _config(tmp_path / "c.json", pool=True)
-    line = _error_line(_rank0(["--deepspeed_config", cfg, "--data-path", corpus, "--train-iters", "30",
+    line = _error_line(rank0("train", ["--deepspeed_config", cfg, "--data-path", corpus, "--train-iters", "30",
                                "--save", str(ckpt)]))
     assert "already holds checkpoint 'iter_0000020'" in line and f"--load {ckpt}" in line
 
@@ -267,8 +263,9 @@ def test_saving_over_another_runs_checkpoints_is_refused(tmp_path, straight_run,
          "launch/train.py drives one pipeline stage"),
     ],
 )
-def test_bad_flags_and_configs(tmp_path, corpus, extra, mutate, expected):
+def test_bad_flags_and_configs(rank0, tmp_path, corpus, extra, mutate, expected):
     cfg = _config(tmp_path / "c.json", pool=True, mutate=mutate)
-    args = ["--deepspeed_config", cfg, "--data-path", corpus] + ([] if "--train-iters" in extra else ["--train-iters", "2"])
-    line = _error_line(_rank0(args + extra))
+    args = ["--deepspeed_config", cfg, "--data-path", corpus]
+    args += [] if "--train-iters" in extra else ["--train-iters", "2"]
+    line = _error_line(rank0("train", args + extra))
     assert expected in line, line

@@ -20,15 +20,15 @@ def _run(args, timeout=300):
 def test_bench_inference_single_vs_pool(tmp_path):
     out = tmp_path / "r.json"
     text = _run([os.path.join(ROOT, "tools", "bench_inference.py"), "--deepspeed_config", TINY, "--lengths", "100", "300",
-                 "--batch-sizes", "1", "2", "--strategies", "single", "pool3", "--new-tokens", "3", "--output", str(out),
+                 "--batch-sizes", "1", "2", "--strategies", "single", "pool", "--new-tokens", "2", "--output", str(out),
                  "--calibration", os.path.join(ROOT, "configs", "calibration", "h200x2_paper_dense.json")])
     rows = json.loads(out.read_text())["rows"]
     # one launch per strategy sweeps every (length, batch); the pool engages above the threshold (128) only
     assert [(r["strategy"], r["n"], r["batch"], r["pooled"]) for r in rows] == [
         ("single", 100, 1, 0), ("single", 100, 2, 0), ("single", 300, 1, 0), ("single", 300, 2, 0),
-        ("pool3", 100, 1, 0), ("pool3", 100, 2, 0), ("pool3", 300, 1, 1), ("pool3", 300, 2, 2)]
+        ("pool", 100, 1, 0), ("pool", 100, 2, 0), ("pool", 300, 1, 1), ("pool", 300, 2, 2)]
     assert all(r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["tpot_p50_s"] > 0 for r in rows)
-    assert "| pool3 | 4 | 300 | 2 |" in text and "batch 2: pool3 TPS >= 1 GPU from" in text
+    assert "| pool | 2 | 300 | 2 |" in text and "batch 2: pool TPS >= 1 GPU from" in text
 
 
 def test_break_even_interpolates_where_the_pool_stays_ahead():
