@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_fapool.attention import local as L  # noqa: E402
+from megatron_fapool.attention import kernels as L  # noqa: E402
 from megatron_fapool.attention.pool.kv_cache import KVShard, decode_partial, decode_splits  # noqa: E402
 from megatron_fapool.testing.timing import median_ms  # noqa: E402
 

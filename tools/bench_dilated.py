@@ -71,26 +71,26 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_fapool.attention import local as L  # noqa: E402
+from megatron_fapool.attention import kernels as L  # noqa: E402
 from megatron_fapool.attention.dilated import (  # noqa: E402
     dilated_attention,
     dilated_attention_flops,
     dilated_attention_parallel,
     dilated_attention_reference_vjp,
 )
-from megatron_fapool.attention.dilated_args import DilatedArgs  # noqa: E402
-from megatron_fapool.attention.dilated_blocks import DEFAULT_MAX_ROWS_X_HEADS  # noqa: E402
-from megatron_fapool.attention.dilated_comm import (  # noqa: E402
+from megatron_fapool.attention.dilated.args import DilatedArgs  # noqa: E402
+from megatron_fapool.attention.dilated.blocks import DEFAULT_MAX_ROWS_X_HEADS  # noqa: E402
+from megatron_fapool.attention.dilated.comm import (  # noqa: E402
     comm_counters,
     heads_to_seq,
     reset_comm_counters,
     seq_to_heads,
 )
-from megatron_fapool.attention.dilated_heads import head_chunks  # noqa: E402
-from megatron_fapool.attention.dilated_local import kernel_calls  # noqa: E402
-from megatron_fapool.attention.dilated_parallel import parallel_mode  # noqa: E402
-from megatron_fapool.attention.dilated_plan import ceil_div, effective_segment  # noqa: E402
-from megatron_fapool.attention.dilated_strided import DEFAULT_MAX_VIEW_ELEMENTS  # noqa: E402
+from megatron_fapool.attention.dilated.heads import head_chunks  # noqa: E402
+from megatron_fapool.attention.dilated.local import kernel_calls  # noqa: E402
+from megatron_fapool.attention.dilated.parallel import parallel_mode  # noqa: E402
+from megatron_fapool.attention.dilated.plan import ceil_div, effective_segment  # noqa: E402
+from megatron_fapool.attention.dilated.strided import DEFAULT_MAX_VIEW_ELEMENTS  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GOAL_TOKENS_PER_S = 4e6

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the local attention backends (megatron_fapool.attention.local).
+"""Benchmark the local attention backends (megatron_fapool.attention.kernels).
 
 For every backend available on the device it times the functional API
 (``attention_forward`` and ``attention_forward`` + ``attention_backward``) and,
@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_fapool import _optional  # noqa: E402
-from megatron_fapool.attention import local as L  # noqa: E402
+from megatron_fapool.attention import kernels as L  # noqa: E402
 from megatron_fapool.testing.timing import elapsed_ms  # noqa: E402
 
 _DTYPES = {

@@ -4,7 +4,7 @@
 Issue 3's GPU acceptance: the core attention of ONE layer (batch 1, causal, paper
 shapes h=32, d=128, bf16) for n = 4K, 16K, 64K, 128K, forward and forward+backward,
 all strategies in the same run on the same 2 GPUs with the same local kernel
-(``megatron_fapool.attention.local``, ``--backend``, default ``auto``):
+(``megatron_fapool.attention.kernels``, ``--backend``, default ``auto``):
 
 ``1 GPU``
     rank 0 alone: ``local_attention`` (rank 1 waits at a barrier).
@@ -76,7 +76,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_fapool.attention import local as L  # noqa: E402
+from megatron_fapool.attention import kernels as L  # noqa: E402
 from megatron_fapool.testing.timing import elapsed_ms  # noqa: E402
 from megatron_fapool.attention.pool import PooledAttention, PoolClient, PoolServer, PoolStats  # noqa: E402
 from megatron_fapool.parallel import compute_layout, initialize_parallel_groups  # noqa: E402
@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--backend", default="auto", help="local kernel backend (megatron_fapool.attention.local), default auto")
+    p.add_argument("--backend", default="auto", help="local kernel backend (megatron_fapool.attention.kernels), default auto")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 20 up to 8K, 10 up to 32K, else 5)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: 5 up to 8K, 3 up to 32K, else 2)")
     p.add_argument("--kv-chunk", default=str(1 << 20), help="pool kv_chunk_tokens: an integer, or 'auto' (fastest forward per n)")

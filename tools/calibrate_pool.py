@@ -78,7 +78,7 @@ sys.path.insert(0, os.path.dirname(_TOOLS))
 sys.path.insert(0, _TOOLS)
 
 from bench_pool_attention import DTYPES, free_memory, init_process, rel_err, time_fn  # noqa: E402
-from megatron_fapool.attention import local as L  # noqa: E402
+from megatron_fapool.attention import kernels as L  # noqa: E402
 from megatron_fapool.attention.pool import CostModel, PooledAttention, PoolClient, PoolServer, PoolStats  # noqa: E402
 from megatron_fapool.attention.pool.manager import load_calibration  # noqa: E402
 from megatron_fapool.config import ConfigError, load_run_config  # noqa: E402

@@ -17,7 +17,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
-from .local import local_attention
+from .kernels import local_attention
 
 __all__ = ["LocalCoreAttention"]
 

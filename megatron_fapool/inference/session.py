@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.local import local_attention
+from ..attention.kernels import local_attention
 from ..attention.pool import PooledAttention, PoolCoreAttention
 from ..attention.pool.kv_cache import KVShardStore, PoolKVCache, decode_partial
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..local import attention_backward, attention_forward
+from ..kernels import attention_backward, attention_forward
 
 __all__ = ["chunks_backward", "chunks_forward"]
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..local import kernel_forward, merge_partials, select_backend
+from ..kernels import kernel_forward, merge_partials, select_backend
 from .client import _named_failure, _nbytes
 from .protocol import DTYPES, Header, Op, int64_tensor
 

@@ -19,8 +19,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from megatron_fapool.attention.dilated_plan import BlockGroup
-from megatron_fapool.attention.local import attention_backward, attention_forward, merge_partials
+from megatron_fapool.attention.dilated.plan import BlockGroup
+from megatron_fapool.attention.kernels import attention_backward, attention_forward, merge_partials
 
 __all__ = [
     "accumulator_dtype",

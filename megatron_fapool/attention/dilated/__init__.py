@@ -23,13 +23,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_fapool.attention.dilated_args import check_dilated_args
-from megatron_fapool.attention.dilated_blocks import DEFAULT_MAX_ROWS_X_HEADS
-from megatron_fapool.attention.dilated_comm import comm_counters, reset_comm_counters
-from megatron_fapool.attention.dilated_local import dilated_local
-from megatron_fapool.attention.dilated_parallel import dilated_attention_parallel, shard_sequence
-from megatron_fapool.attention.dilated_plan import dilated_attention_flops
-from megatron_fapool.attention.dilated_reference import (
+from megatron_fapool.attention.dilated.args import check_dilated_args
+from megatron_fapool.attention.dilated.blocks import DEFAULT_MAX_ROWS_X_HEADS
+from megatron_fapool.attention.dilated.comm import comm_counters, reset_comm_counters
+from megatron_fapool.attention.dilated.local import dilated_local
+from megatron_fapool.attention.dilated.parallel import dilated_attention_parallel, shard_sequence
+from megatron_fapool.attention.dilated.plan import dilated_attention_flops
+from megatron_fapool.attention.dilated.reference import (
     dilated_attention_reference,
     dilated_attention_reference_vjp,
 )

@@ -14,8 +14,8 @@ import warnings
 import pytest
 import torch
 
-from megatron_fapool.attention import local as L
-from megatron_fapool.attention.local import (
+from megatron_fapool.attention import kernels as L
+from megatron_fapool.attention.kernels import (
     BACKENDS,
     attention_backward,
     attention_forward,
@@ -24,7 +24,7 @@ from megatron_fapool.attention.local import (
     merge_partials,
     select_backend,
 )
-from megatron_fapool.attention.reference import reference_attention
+from megatron_fapool.attention.kernels.reference import reference_attention
 
 FP32_TOL = 1e-5
 BF16_TOL = 2.5e-2

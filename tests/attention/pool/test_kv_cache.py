@@ -168,7 +168,7 @@ def test_decode_partial_refuses_mismatched_inputs():
 
 
 def test_kernel_forward_equals_attention_forward():
-    from megatron_fapool.attention.local import attention_forward, kernel_forward
+    from megatron_fapool.attention.kernels import attention_forward, kernel_forward
 
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(2, 1, H, D, generator=g), torch.randn(2, 33, HK, D, generator=g), torch.randn(2, 33, HK, D, generator=g)

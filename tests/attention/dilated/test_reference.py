@@ -7,8 +7,8 @@ import math
 import torch
 
 from megatron_fapool.attention.dilated import dilated_attention_reference, dilated_attention_reference_vjp
-from megatron_fapool.attention.dilated_plan import effective_segment, head_offset
-from megatron_fapool.attention.dilated_reference import dilated_multiplicity
+from megatron_fapool.attention.dilated.plan import effective_segment, head_offset
+from megatron_fapool.attention.dilated.reference import dilated_multiplicity
 
 
 def rel_err(a, ref):

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from megatron_fapool.attention.dilated_plan import ceil_div, effective_segment, offset_classes
+from megatron_fapool.attention.dilated.plan import ceil_div, effective_segment, offset_classes
 
 __all__ = [
     "DEFAULT_MAX_VIEW_ELEMENTS",

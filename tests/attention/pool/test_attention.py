@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fapool.attention.pool import PooledAttention, PoolClient, PoolServer, PoolStats
-from megatron_fapool.attention.reference import reference_attention
+from megatron_fapool.attention.kernels.reference import reference_attention
 from megatron_fapool.parallel import compute_layout, initialize_parallel_groups
 from megatron_fapool.testing.distributed import run_distributed
 

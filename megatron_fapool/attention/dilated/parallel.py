@@ -31,17 +31,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_fapool.attention.dilated_args import DilatedArgs, check_dilated_args
-from megatron_fapool.attention.dilated_blocks import (
+from megatron_fapool.attention.dilated.args import DilatedArgs, check_dilated_args
+from megatron_fapool.attention.dilated.blocks import (
     DEFAULT_MAX_ROWS_X_HEADS,
     accumulator_dtype,
     blocks_backward_,
     blocks_forward_,
 )
-from megatron_fapool.attention.dilated_comm import all_gather_stacked, reduce_scatter_stacked
-from megatron_fapool.attention.dilated_heads import balanced_head_counts, head_parallel
-from megatron_fapool.attention.dilated_local import dilated_local, new_accumulators
-from megatron_fapool.attention.dilated_plan import (
+from megatron_fapool.attention.dilated.comm import all_gather_stacked, reduce_scatter_stacked
+from megatron_fapool.attention.dilated.heads import balanced_head_counts, head_parallel
+from megatron_fapool.attention.dilated.local import dilated_local, new_accumulators
+from megatron_fapool.attention.dilated.plan import (
     BlockGroup,
     PackedKeyLayout,
     branch_is_shard_local,

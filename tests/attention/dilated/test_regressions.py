@@ -3,7 +3,7 @@
 import torch
 
 from megatron_fapool.attention.dilated import dilated_attention
-from megatron_fapool.attention.dilated_reference import dilated_attention_reference
+from megatron_fapool.attention.dilated.reference import dilated_attention_reference
 
 
 def test_short_sequence_gqa_several_branches_matches_reference():

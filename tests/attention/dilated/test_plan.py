@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_fapool.attention.dilated_plan import (
+from megatron_fapool.attention.dilated.plan import (
     PackedKeyLayout,
     branch_is_shard_local,
     ceil_div,
@@ -15,7 +15,7 @@ from megatron_fapool.attention.dilated_plan import (
     packing_indices,
     plan_branch,
 )
-from megatron_fapool.attention.dilated_reference import dilated_multiplicity
+from megatron_fapool.attention.dilated.reference import dilated_multiplicity
 
 
 def test_offset_classes_use_global_heads():

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_fapool.attention.dilated_plan import effective_segment, head_offset
+from megatron_fapool.attention.dilated.plan import effective_segment, head_offset
 
 __all__ = [
     "dilated_attention_reference",

@@ -12,7 +12,7 @@ from megatron_fapool.attention.dilated import (
     dilated_attention_reference,
     dilated_attention_reference_vjp,
 )
-from megatron_fapool.attention.dilated_plan import effective_segment, head_offset
+from megatron_fapool.attention.dilated.plan import effective_segment, head_offset
 
 TOL = 1e-5  # fp32 bar: max|a - b| / max|ref|
 

@@ -3,7 +3,7 @@
 Written to be obviously right rather than fast: it materialises the full
 ``[b, h, sq, sk]`` score matrix in float64, so use it at test sizes only.
 
-Conventions (the same as :mod:`megatron_fapool.attention.local`):
+Conventions (the same as :mod:`megatron_fapool.attention.kernels`):
 
 * layout ``[batch, seq, heads, head_dim]``; GQA by ``hq % hkv == 0`` (query head
   ``i`` uses key/value head ``i // (hq // hkv)``);

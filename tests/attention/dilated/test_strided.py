@@ -8,12 +8,12 @@ from collections import Counter
 import pytest
 import torch
 
-from megatron_fapool.attention import dilated_local as DL
-from megatron_fapool.attention import local as L
+from megatron_fapool.attention.dilated import local as DL
+from megatron_fapool.attention import kernels as L
 from megatron_fapool.attention.dilated import dilated_attention, dilated_attention_reference_vjp
-from megatron_fapool.attention.dilated_args import check_dilated_args
-from megatron_fapool.attention.dilated_plan import plan_branch
-from megatron_fapool.attention.dilated_strided import plan_stacks, stack_chunks, stack_view, to_blocks
+from megatron_fapool.attention.dilated.args import check_dilated_args
+from megatron_fapool.attention.dilated.plan import plan_branch
+from megatron_fapool.attention.dilated.strided import plan_stacks, stack_chunks, stack_view, to_blocks
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -149,7 +149,7 @@ def test_view_chunking_and_covering_branch_order_give_the_same_result():
 
 def test_no_index_gather_on_the_fast_path(monkeypatch):
     # The index path's gathers/scatters must not run when every branch has stacks.
-    import megatron_fapool.attention.dilated_blocks as B
+    import megatron_fapool.attention.dilated.blocks as B
 
     def boom(*a, **kw):
         raise AssertionError("index path used")

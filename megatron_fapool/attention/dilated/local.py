@@ -24,15 +24,15 @@ from typing import Optional
 
 import torch
 
-from megatron_fapool.attention import dilated_strided as S
-from megatron_fapool.attention.dilated_args import DilatedArgs
-from megatron_fapool.attention.dilated_blocks import (
+from megatron_fapool.attention.dilated import strided as S
+from megatron_fapool.attention.dilated.args import DilatedArgs
+from megatron_fapool.attention.dilated.blocks import (
     DEFAULT_MAX_ROWS_X_HEADS,
     blocks_backward_,
     blocks_forward_,
 )
-from megatron_fapool.attention.dilated_plan import BlockGroup, plan_branch
-from megatron_fapool.attention.local import attention_backward, attention_forward
+from megatron_fapool.attention.dilated.plan import BlockGroup, plan_branch
+from megatron_fapool.attention.kernels import attention_backward, attention_forward
 
 __all__ = [
     "BranchPlan",
@@ -54,7 +54,7 @@ def new_accumulators(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero output [b, n, H, d] (``dtype``, default fp32 for half inputs) and -inf lse
     [b, n, H] (sequence-major) accumulators."""
-    from megatron_fapool.attention.dilated_blocks import accumulator_dtype
+    from megatron_fapool.attention.dilated.blocks import accumulator_dtype
 
     b, d = q.shape[0], q.shape[3]
     acc_out = torch.zeros(b, seq_len, num_heads, d, dtype=dtype or accumulator_dtype(q.dtype), device=q.device)

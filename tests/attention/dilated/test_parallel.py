@@ -16,8 +16,8 @@ from megatron_fapool.attention.dilated import (
     reset_comm_counters,
     shard_sequence,
 )
-from megatron_fapool.attention.dilated_parallel import shards_are_independent
-from megatron_fapool.attention.dilated_plan import branch_is_shard_local, ceil_div
+from megatron_fapool.attention.dilated.parallel import shards_are_independent
+from megatron_fapool.attention.dilated.plan import branch_is_shard_local, ceil_div
 from megatron_fapool.testing.distributed import run_distributed
 
 pytestmark = pytest.mark.slow

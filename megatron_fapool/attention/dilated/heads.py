@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_fapool.attention import dilated_local as DL
-from megatron_fapool.attention.dilated_args import DilatedArgs
-from megatron_fapool.attention.dilated_comm import all_to_all_async
-from megatron_fapool.attention.dilated_plan import ceil_div
+from megatron_fapool.attention.dilated import local as DL
+from megatron_fapool.attention.dilated.args import DilatedArgs
+from megatron_fapool.attention.dilated.comm import all_to_all_async
+from megatron_fapool.attention.dilated.plan import ceil_div
 
 __all__ = ["DEFAULT_HEAD_CHUNKS", "MIN_CHUNK_ELEMENTS", "head_chunks", "head_parallel"]
 
