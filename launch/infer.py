@@ -25,16 +25,19 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from megatron_fapool.config import ConfigError, load_run_config  # noqa: E402
-from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config  # noqa: E402
-from megatron_fapool.parallel.liveness import LivenessMonitor  # noqa: E402
-from megatron_fapool.runtime import exit_on_user_error, init_distributed, log0, world_from_env  # noqa: E402
-from megatron_fapool.training import checkpoint as ckpt  # noqa: E402
+from megatron_fapool.attention.pool import AttentionPool
+from megatron_fapool.config import ConfigError, load_run_config
+from megatron_fapool.data import ByteTokenizer
+from megatron_fapool.inference.generate import Request, RequestError, generate, validate_requests
+from megatron_fapool.inference.session import InferenceSession, KVCached
+from megatron_fapool.models.gpt import build_gpt_model, check_runnable_here
+from megatron_fapool.models.specs import layer_spec_for
+from megatron_fapool.runtime import exit_on_user_error, job, log0
+from megatron_fapool.training import checkpoint as ckpt
 
 BUCKETS = ((512, 2048, "512-2K"), (2048, 8192, "2K-8K"), (8192, 32768, "8K-32K"), (32768, 1 << 62, "32K+"))
 
@@ -89,8 +92,6 @@ def _parse_sweep(items) -> list[tuple[int, int]]:
 
 def _workloads(args, vocab_size: int):
     """``[(name, prompts, texts)]``: the one batch of the given prompts, or one per ``--sweep`` item."""
-    from megatron_fapool.data import ByteTokenizer
-
     tok = ByteTokenizer()
     g = torch.Generator().manual_seed(args.seed)
     if args.sweep:
@@ -131,8 +132,6 @@ def _preflight(args):
             " (set fapool.attention_pool.enabled false) or use PP = 1 with the pool",
         )
     workloads, tok = _workloads(args, lm.vocab_size)
-    from megatron_fapool.inference.generate import Request, RequestError, validate_requests
-
     batches = []
     for name, prompts, texts in workloads:
         requests = [Request(i, p, args.max_new_tokens) for i, p in enumerate(prompts)]
@@ -147,16 +146,12 @@ def _preflight(args):
         if resume is None:
             raise ConfigError("--load", f"no complete checkpoint in {args.load} (no 'latest' file)")
         ckpt.check_compatible(resume[1], cfg, os.path.join(args.load, resume[0]))
-    from megatron_fapool.models.gpt import check_runnable_here
-
     check_runnable_here(cfg)
-    _, world, _ = world_from_env()
-    layout = layout_from_config(cfg, world)
-    replicas = layout.num_base // (layout.tp * layout.pp)
-    if replicas != 1:
+    layout = job.layout_of(cfg)
+    if layout.dp != 1:
         raise ConfigError(
             "world size",
-            f"{world} ranks make {replicas} data-parallel replicas of the model; launch/infer.py serves one:"
+            f"{layout.world_size} ranks make {layout.dp} data-parallel replicas of the model; launch/infer.py serves one:"
             f" launch TP x PP = {layout.tp * layout.pp} base ranks plus the pool ranks"
             f" ({layout.tp * layout.pp + layout.pool_size} in all)",
         )
@@ -164,8 +159,6 @@ def _preflight(args):
 
 
 def _load_weights(model, load_dir: str, tag: str, device) -> None:
-    from megatron.core import parallel_state
-
     path = os.path.join(load_dir, tag, f"mp_rank_{parallel_state.get_tensor_model_parallel_rank():02d}_model_states.pt")
     state = torch.load(path, map_location=device, weights_only=False)
     model.load_state_dict(state["module"], strict=True)
@@ -199,24 +192,13 @@ def _report(gens, texts, tok, wall_s: float) -> str:
 
 
 def _serve_base(args, cfg, groups, device, batches, tok, resume):
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megatron_fapool.attention.pool import AttentionPool
-    from megatron_fapool.inference.generate import generate
-    from megatron_fapool.inference.session import InferenceCoreAttention, InferenceSession
-    from megatron_fapool.models.gpt import build_gpt_model
-    from megatron_fapool.models.gpt_layer_specs import get_fapool_gpt_layer_spec
-
     lm = cfg.model.language_model
     backend = cfg.fapool.attention_backend.backend
     pool = None
     if groups.layout.pool_per_base:
         pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool, backend=backend)
     session = InferenceSession(pool, backend=backend)
-    spec = get_fapool_gpt_layer_spec(
-        normalization=lm.normalization, qk_layernorm=lm.qk_layernorm, core_attention=InferenceCoreAttention,
-        core_attention_params={"pool": pool, "session": session, "backend": backend},
-    )
+    spec = layer_spec_for(cfg, pool, wrap=lambda attend: KVCached(attend, session))
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
@@ -263,26 +245,8 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, layout, batches, tok, resume = _preflight(args)
-    timeout_s = 60.0 * args.distributed_timeout_minutes
-    device = init_distributed(timeout_s=timeout_s)
-    monitor = LivenessMonitor(
-        rank=dist.get_rank(), world_size=layout.world_size,
-        describe_rank=lambda r: f"rank {r} ({layout.role_of(r).role})",
-    ).start()
-    log0("== layout ==\n" + layout.describe())
-    groups = initialize_parallel_groups(layout, timeout_s=timeout_s)
-    if groups.is_base:
-        _serve_base(args, cfg, groups, device, batches, tok, resume)
-    elif groups.is_pool:
-        from megatron_fapool.attention.pool import PoolServer
-
-        stats = PoolServer(groups, device=device).serve()
-        print(f"[rank {dist.get_rank()}] pool rank for base rank {groups.role.serves}: {stats.served_forward}"
-              f" calls served, {stats.bytes_received / 1e6:.1f} MB in", flush=True)
-    dist.barrier()
-    monitor.stop()
-    dist.destroy_process_group()
-    return 0
+    return job.run(cfg, layout, lambda groups, device: _serve_base(args, cfg, groups, device, batches, tok, resume),
+                   timeout_s=60.0 * args.distributed_timeout_minutes)
 
 
 if __name__ == "__main__":

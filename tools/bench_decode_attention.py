@@ -7,9 +7,9 @@
 A decode step's attention is one query row per head against the whole cached K/V, so
 it is bound by reading the cache: bytes = 2 (K and V) x n x kv_heads x head_dim x
 element size. For every cache length and backend this times
-:func:`~megatron_fapool.attention.pool.kv_cache.decode_partial` on a cache laid out as
+:func:`~megatron_fapool.attention.pool.decode.decode_partial` on a cache laid out as
 the inference path stores it (layout ``stored``: a
-:class:`~megatron_fapool.attention.pool.kv_cache.KVShard`, K and V each contiguous) or,
+:class:`~megatron_fapool.attention.pool.decode.KVShard`, K and V each contiguous) or,
 for comparison, with K and V interleaved per token (``interleaved``:
 ``[n, 2, kv_heads, head_dim]``, which the kernels must copy first), with the keys run whole (``splits 1``) or split into pieces
 batched in one kernel call (flash decoding; ``auto`` = the rule the inference path
@@ -27,13 +27,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_fapool.attention import kernels as L
+from megatron_fapool.attention.pool.decode import KVShard, decode_partial, decode_splits
 
-from megatron_fapool.attention import kernels as L  # noqa: E402
-from megatron_fapool.attention.pool.kv_cache import KVShard, decode_partial, decode_splits  # noqa: E402
-from megatron_fapool.testing.timing import median_ms  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from _common import DTYPES, median_ms, rel_err
 
 
 def parse_args(argv=None):
@@ -100,7 +97,7 @@ def main(argv=None) -> int:
                     try:
                         out, _ = call()
                         ref = out if ref is None else ref
-                        err = ((out - ref).abs().max() / ref.abs().max()).item()
+                        err = rel_err(out, ref)
                         ms = median_ms(call, device, reps=args.reps)
                     except (ValueError, RuntimeError, torch.OutOfMemoryError) as e:
                         lines.append(f"{row} failed: {str(e).splitlines()[0][:60]} | | |")

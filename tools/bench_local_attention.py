@@ -14,8 +14,11 @@ Each measured backend is also checked against the ``math`` backend (for
 (max|a-b| / max|ref|) over out and lse (forward) and dq, dk, dv (backward), and a
 ``!`` marks values above the tolerance (2.5e-2 for 16-bit, 1e-4 for float32).
 
-FLOPs: causal forward = 4*b*h*n*n*d/2 (non-causal without the /2); backward =
+FLOPs: causal forward = 4*b*h*d*n*(n+1)/2 (non-causal 4*b*h*d*n*n); backward =
 2.5x forward; so forward+backward = 3.5x forward.
+
+The ``auto`` row and the picks share one ``BackendSelector``, so a backend that fails under
+``auto`` is dropped for the rest of the run and listed at the end.
 
 Finally it states which backend ``auto`` picks for each n (forward only, and
 forward+backward) and whether that was the fastest measured backend
@@ -44,14 +47,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_fapool import _optional  # noqa: E402
-from megatron_fapool.attention import kernels as L  # noqa: E402
-from megatron_fapool.testing.timing import elapsed_ms  # noqa: E402
+from megatron_fapool.attention.kernels import (  # noqa: E402
+    BACKENDS,
+    BackendSelector,
+    attention_backward,
+    attention_forward,
+    available_backends,
+    local_attention,
+    select_backend,
+)
 
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
+from _common import DTYPES, FWD_BWD_FLOPS, attention_flops, default_tol, elapsed_ms, free_memory, rel_err, sync  # noqa: E402
+
 AUTO_ROW = "auto (local_attention)"
 
 
@@ -61,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 65536], help="sequence lengths n (sq = sk = n)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=32, help="query heads")
@@ -97,39 +104,23 @@ class Row:
     fwdbwd: Cell = field(default_factory=Cell)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_fn(fn, device: torch.device, warmup: int, reps: int, budget_s: float) -> tuple[float, int]:
     """Median milliseconds of ``fn()`` and the number of timed repetitions."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()  # first call: compilation / allocator warm-up
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - t0
     if first > budget_s:
         return first * 1e3, 1  # too slow to repeat; the single (warm-ish) call is the measurement
     for _ in range(max(0, warmup - 1)):
         fn()
-    _sync(device)
+    sync(device)
     n = max(1, min(reps, int(budget_s / max(first, 1e-6))))
     times = []
     for _ in range(n):
         times.append(elapsed_ms(fn, device))
     return statistics.median(times), n
-
-
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    fin = torch.isfinite(ref)
-    if not torch.equal(fin, torch.isfinite(a)):
-        return float("inf")
-    if not bool(fin.any()):
-        return 0.0
-    scale = ref[fin].abs().max().item()
-    return (a[fin] - ref[fin]).abs().max().item() / max(scale, 1e-30)
 
 
 def _fail_note(exc: BaseException) -> str:
@@ -140,31 +131,21 @@ def _fail_note(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}"
 
 
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def flops_fwd(b: int, h: int, n: int, d: int, causal: bool) -> float:
-    f = 4.0 * b * h * n * n * d
-    return f / 2 if causal else f
-
-
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA requested but not available", file=sys.stderr)
         return 2
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     hkv = args.kv_heads or args.heads
-    tol = 1e-4 if dtype == torch.float32 else 2.5e-2
-    avail = L.available_backends(device)
+    tol = default_tol(dtype)
+    avail = available_backends(device)
     # fused kernels first, the slow / compiling ones last (partial results survive a timeout)
     order = ("sdpa_cudnn", "flash_attn", "sdpa_flash", "sdpa_efficient", "flex", "math", "sdpa_math")
     backends = args.backends or sorted(avail, key=order.index)
     for name in backends:
-        if name not in L.BACKENDS:
-            print(f"unknown backend {name!r}; choose from {L.BACKENDS}", file=sys.stderr)
+        if name not in BACKENDS:
+            print(f"unknown backend {name!r}; choose from {BACKENDS}", file=sys.stderr)
             return 2
 
     if device.type == "cuda":
@@ -184,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(header), flush=True)
 
     rows: list[Row] = []
+    selector = BackendSelector()  # the auto row's: what it drops after a failure stays dropped
     picks: dict[int, tuple[str, str]] = {}
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     for n in args.seqlens:
@@ -196,22 +178,22 @@ def run(args: argparse.Namespace) -> int:
             q, k, v, dout = mk(h), mk(hkv), mk(hkv), mk(h)
         except torch.OutOfMemoryError:
             print(f"n={n}: inputs do not fit in memory; skipped", flush=True)
-            _free(device)
+            free_memory(device)
             continue
         kw = dict(causal=args.causal)
         picks[n] = (
-            L.select_backend(q, k, v, causal=args.causal, requires_backward=False),
-            L.select_backend(q, k, v, causal=args.causal, requires_backward=True),
+            select_backend(q, k, v, causal=args.causal, requires_backward=False, selector=selector),
+            select_backend(q, k, v, causal=args.causal, requires_backward=True, selector=selector),
         )
         ref = None
         if args.check_max_n and n <= args.check_max_n:
             try:
-                ro, rl = L.attention_forward(q, k, v, backend="math", **kw)
-                rg = None if args.no_backward else L.attention_backward(dout, q, k, v, ro, rl, backend="math", **kw)
+                ro, rl = attention_forward(q, k, v, backend="math", **kw)
+                rg = None if args.no_backward else attention_backward(dout, q, k, v, ro, rl, backend="math", **kw)
                 ref = (ro, rl, rg)
             except Exception as exc:  # noqa: BLE001
                 print(f"n={n}: reference (math) failed: {_fail_note(exc)}; no checks at this n", flush=True)
-                _free(device)
+                free_memory(device)
 
         for name in [*backends, AUTO_ROW]:
             row = Row(name, n)
@@ -222,18 +204,18 @@ def run(args: argparse.Namespace) -> int:
                 if is_auto:
                     def fwd():
                         with torch.no_grad():
-                            return L.local_attention(q, k, v, **kw, return_lse=True)
+                            return local_attention(q, k, v, **kw, return_lse=True, selector=selector)
                 else:
                     def fwd(name=name):
-                        return L.attention_forward(q, k, v, backend=name, **kw)
+                        return attention_forward(q, k, v, backend=name, **kw)
                 row.fwd.ms, row.fwd.reps = time_fn(fwd, device, args.warmup, args.reps, args.max_seconds)
                 out, lse = fwd()
                 if ref is not None:
-                    row.fwd.err = max(_rel(out, ref[0]), _rel(lse, ref[1]))
+                    row.fwd.err = max(rel_err(out, ref[0]), rel_err(lse, ref[1]))
             except Exception as exc:  # noqa: BLE001
                 row.fwd.note = _fail_note(exc)
                 out = lse = None
-                _free(device)
+                free_memory(device)
             # ---- forward + backward
             if not args.no_backward:
                 try:
@@ -243,32 +225,32 @@ def run(args: argparse.Namespace) -> int:
                         def fb():
                             for x in (qg, kg, vg):
                                 x.grad = None
-                            L.local_attention(qg, kg, vg, **kw).backward(dout)
+                            local_attention(qg, kg, vg, **kw, selector=selector).backward(dout)
                             return qg.grad, kg.grad, vg.grad
                     else:
                         def fb(name=name):
-                            o, s = L.attention_forward(q, k, v, backend=name, **kw)
-                            return L.attention_backward(dout, q, k, v, o, s, backend=name, **kw)
+                            o, s = attention_forward(q, k, v, backend=name, **kw)
+                            return attention_backward(dout, q, k, v, o, s, backend=name, **kw)
                     row.fwdbwd.ms, row.fwdbwd.reps = time_fn(fb, device, args.warmup, args.reps, args.max_seconds)
                     grads = fb()
                     if ref is not None and ref[2] is not None:
-                        row.fwdbwd.err = max(_rel(gx, rx) for gx, rx in zip(grads, ref[2]))
+                        row.fwdbwd.err = max(rel_err(gx, rx) for gx, rx in zip(grads, ref[2]))
                     del grads
                     if is_auto:
                         del qg, kg, vg
                 except Exception as exc:  # noqa: BLE001
                     row.fwdbwd.note = _fail_note(exc)
-                    _free(device)
+                    free_memory(device)
             del out, lse
             _print_row(row, args, flush=True)
             if args.markdown:  # rewrite after every row so that a killed run still leaves a table
                 write_markdown(args.markdown, header, format_table(rows, args, tol), "(run in progress)")
         del q, k, v, dout, ref
-        _free(device)
+        free_memory(device)
 
     table = format_table(rows, args, tol)
     verdict = format_verdict(rows, picks, args)
-    failures = L.auto_failures()
+    failures = selector.failures()
     print()
     print("\n".join(header))
     print(table)
@@ -323,10 +305,10 @@ def format_table(rows: list[Row], args, tol: float) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        f = flops_fwd(args.batch, args.heads, r.n, args.head_dim, args.causal)
+        f = attention_flops(args.batch, args.heads, r.n, args.head_dim, causal=args.causal)
         lines.append(
             f"| {r.backend} | {r.n} | {_ms(r.fwd)} | {_tflops(r.fwd.ms, f)} | {_ms(r.fwdbwd)} | "
-            f"{_tflops(r.fwdbwd.ms, 3.5 * f)} | {_err(r.fwd, tol)} | {_err(r.fwdbwd, tol)} |"
+            f"{_tflops(r.fwdbwd.ms, FWD_BWD_FLOPS * f)} | {_err(r.fwd, tol)} | {_err(r.fwdbwd, tol)} |"
         )
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ all strategies in the same run on the same 2 GPUs with the same local kernel
     rank 0 alone: ``local_attention`` (rank 1 waits at a barrier).
 ``pool``
     the real FA Pool path: rank 0 is a base rank with ``PoolClient`` /
-    ``PooledAttention`` (Megatron layout ``[s, b, h, d]``), rank 1 a pool rank in
+    ``PooledAttention`` (``[b, s, h, d]``), rank 1 a pool rank in
     ``PoolServer.serve()``. ``--kv-chunk`` sets ``kv_chunk_tokens`` (``auto``: per n,
     the fastest of a few values by forward time, measured before the timed reps).
 ``ulysses``
@@ -19,9 +19,10 @@ all strategies in the same run on the same 2 GPUs with the same local kernel
     dim 1), the sequence split contiguously over the 2 ranks, the same local kernel on
     each rank's n x h/2 slice.
 ``cp``
-    all-gather-K/V context parallelism: rank r holds the zigzag chunks r and 3-r (of
-    4), all-gathers K and V, runs the local kernel (bottom-right causal) for its two
-    query chunks against the K/V prefix they see; backward reduce-scatters dK/dV.
+    all-gather-K/V context parallelism (``tools/baselines/allgather_kv_cp.py``, which
+    says why it is not torch's): rank r holds the zigzag chunks r and 3-r (of 4),
+    all-gathers K and V, runs the local kernel (bottom-right causal) for its two query
+    chunks against the K/V prefix they see; backward reduce-scatters dK/dV.
 
 Checks (once per n and strategy; a failed check makes the exit code 1 after
 everything is printed): out, dq, dk, dv of the checked forward+backward call, and the
@@ -34,8 +35,9 @@ Timing: warm-up, then the median of ``--reps`` repetitions; each repetition star
 after ``torch.cuda.synchronize`` and a barrier of the ranks involved and is timed with
 CUDA events (``time.perf_counter`` on CPU); on 2 GPUs the slower rank counts. The pool
 rank is inside its serving loop during the pool phase, so the base rank's time counts
-there (it waits for the pool's results). FLOPs: causal forward = 4*b*h*n*n*d/2,
-backward = 2.5x forward; TFLOP/s per GPU divides by the GPUs the strategy uses.
+there (it waits for the pool's results). FLOPs: causal forward = 4*b*h*d*n(n+1)/2
+(``training.flops.dense_attention_forward_flops``), backward = 2.5x forward; TFLOP/s
+per GPU divides by the GPUs the strategy uses.
 
 Memory: before each strategy every rank checks that its free GPU memory covers an
 estimate of the strategy's needs; if not, the row says OOM and the run goes on; an
@@ -65,7 +67,6 @@ import socket
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -74,20 +75,18 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_fapool.attention import kernels as L
+from megatron_fapool.attention.pool import PooledAttention, PoolClient, PoolServer, PoolStats
+from megatron_fapool.parallel import compute_layout, initialize_parallel_groups
+from megatron_fapool.runtime import log0
 
-from megatron_fapool.attention import kernels as L  # noqa: E402
-from megatron_fapool.testing.timing import elapsed_ms  # noqa: E402
-from megatron_fapool.attention.pool import PooledAttention, PoolClient, PoolServer, PoolStats  # noqa: E402
-from megatron_fapool.parallel import compute_layout, initialize_parallel_groups  # noqa: E402
+from _common import (
+    DTYPES, FWD_BWD_FLOPS, attention_flops, default_tol, fmt_bytes, free_memory, rel_err, run_distributed, time_fn,
+)
+from baselines.allgather_kv_cp import allgather_kv_attention, head_tail_shard, head_tail_unshard
 
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
 
-DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
-}
 STRATEGIES = ("1gpu", "pool", "ulysses", "cp")
 LABELS = {
     "1gpu": "1 GPU",
@@ -102,7 +101,6 @@ MEM_UNITS = {"1gpu": 10, "pool": 16, "ulysses": 12, "cp": 14}
 GOALS_SPEEDUP = ((16384, 1.8), (65536, 1.9))
 GOAL_BASELINE_MIN_N = 16384
 KV_CHUNK_CANDIDATES = (2048, 4096, 8192, 16384, 32768, 65536)
-_OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,94 +146,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------
-# Process setup
-# --------------------------------------------------------------------------------------
-
-
-def init_process(device_arg: str, timeout_s: float) -> tuple[torch.device, int, int]:
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda but CUDA is not available")
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        kwargs = dict(backend="nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        kwargs = dict(backend="gloo")
-    if not dist.is_initialized():
-        dist.init_process_group(rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kwargs)
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def log(*a) -> None:
-    if dist.get_rank() == 0:
-        print(*a, flush=True)
-
-
-def flops_fwd(b: int, h: int, n: int, d: int) -> float:
-    """Causal attention forward: 4*b*h*n^2*d / 2."""
-    return 4.0 * b * h * n * n * d / 2
-
-
-def time_fn(fn: Callable, *, reps: int, warmup: int, device: torch.device, group=None) -> list[float]:
-    """Per-repetition milliseconds of ``fn()``; with ``group``, max over its ranks per rep."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if group is not None:
-            dist.barrier(group=group)
-        sync(device)
-        times.append(elapsed_ms(fn, device))
-    if group is not None:
-        t = torch.tensor(times, dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        times = t.tolist()
-    return times
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor, dim: int = 1, chunk: int = 8192) -> float:
-    """max|x - ref| / max|ref| over whole tensors, in float32, ``chunk`` rows of ``dim`` at a time."""
-    if x.shape != ref.shape:
-        raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(ref.shape)}")
-    num = 0.0
-    den = 0.0
-    for lo in range(0, x.shape[dim], chunk):
-        a = x.narrow(dim, lo, min(chunk, x.shape[dim] - lo)).float()
-        r = ref.narrow(dim, lo, min(chunk, x.shape[dim] - lo)).float()
-        num = max(num, (a - r).abs().max().item())
-        den = max(den, r.abs().max().item())
-        if not math.isfinite(num):
-            return float("inf")
-    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
-
-
-def fmt_bytes(nbytes: float) -> str:
-    if nbytes >= 2**30:
-        return f"{nbytes / 2**30:.2f} GiB"
-    if nbytes >= 2**20:
-        return f"{nbytes / 2**20:.1f} MiB"
-    return f"{nbytes / 2**10:.1f} KiB"
-
-
-# --------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------
 
@@ -265,7 +175,7 @@ class Bench:
         self.world = world
         self.dtype = DTYPES[args.dtype]
         self.scale = 1.0 / math.sqrt(args.head_dim)
-        self.tol = args.tol if args.tol is not None else (2.5e-2 if self.dtype in (torch.float16, torch.bfloat16) else 1e-4)
+        self.tol = args.tol if args.tol is not None else default_tol(self.dtype)
         layout = compute_layout(world, tp=1, pool_size=world - 1, num_attention_heads=args.heads)
         self.groups = initialize_parallel_groups(layout, timeout_s=args.pg_timeout)
         self.sp_group = dist.new_group(list(range(world)), timeout=timedelta(seconds=args.pg_timeout))
@@ -462,7 +372,7 @@ class Bench:
                 row.fwd_ms = statistics.median(time_fn(fwd, reps=reps, warmup=warm, device=self.device))
                 row.fwdbwd_ms = statistics.median(time_fn(fwdbwd, reps=reps, warmup=warm, device=self.device))
                 row.reps = reps
-            except _OOM:
+            except torch.OutOfMemoryError:
                 ref = None
                 row.status, row.note = "OOM", "OOM (out of memory on rank 0)"
             del qg, kg, vg
@@ -487,7 +397,7 @@ class Bench:
         client = PoolClient(self.groups, kv_chunk_tokens=8192, backend=self.args.backend, stats=PoolStats())
         active = self.world - 1
         try:
-            q, k, v, dout = (x.transpose(0, 1).contiguous() for x in data)  # Megatron layout [s, b, h, d]
+            q, k, v, dout = data
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 
             def fwd():
@@ -528,10 +438,7 @@ class Bench:
             if st.pooled_forward != 1 or st.pooled_backward != 1:
                 self.failures.append(f"n={n} pool: the client did not run a pooled call ({st.as_dict()})")
                 row.status = "WRONG"
-            self.check(row, ref, {
-                "out": out.transpose(0, 1), "dq": dq.transpose(0, 1), "dk": dk.transpose(0, 1),
-                "dv": dv.transpose(0, 1), "fwd_out": fwd_out.transpose(0, 1),
-            })
+            self.check(row, ref, {"out": out, "dq": dq, "dk": dk, "dv": dv, "fwd_out": fwd_out})
             del out, dq, dk, dv, fwd_out
             row.fwd_ms = statistics.median(time_fn(fwd, reps=reps, warmup=warm, device=self.device))
             row.fwdbwd_ms = statistics.median(time_fn(fwdbwd, reps=reps, warmup=warm, device=self.device))
@@ -555,15 +462,36 @@ class Bench:
         if self.ds_attention is None:
             row.status, row.note = "unavailable", self.ds_note
             return row
-        ok, why = self.memory_ok("ulysses", n)
+        call, to_local = self._ulysses_call()
+        s, r = n // self.world, self.rank
+        return self.run_sharded(
+            row, data, ref, call=call,
+            shard=lambda x: to_local(x[:, r * s:(r + 1) * s]).contiguous(),  # contiguous split of the sequence
+            unshard=lambda parts: torch.cat([to_local(p) for p in parts], dim=1),
+        )
+
+    def run_cp(self, n: int, data, ref):
+        reduce_dtype = torch.float32 if self.args.cp_reduce_dtype == "fp32" else self.dtype
+
+        def call(q, k, v):
+            return allgather_kv_attention(q, k, v, group=self.sp_group, softmax_scale=self.scale,
+                                          backend=self.args.backend, reduce_dtype=reduce_dtype)
+
+        return self.run_sharded(
+            Row(n, "cp"), data, ref, call=call,
+            shard=lambda x: head_tail_shard(x, self.rank, self.world), unshard=head_tail_unshard,
+        )
+
+    def run_sharded(self, row: Row, data, ref, *, call: Callable, shard: Callable, unshard: Callable) -> Row:
+        """A strategy every rank computes: ``call`` on this rank's ``shard`` of q, k, v (and dout);
+        out, dq, dk, dv gathered to rank 0, put back in sequence order by ``unshard`` and checked;
+        then forward and forward+backward timed over the ranks."""
+        ok, why = self.memory_ok(row.strategy, row.n)
         if not ok:
             row.status, row.note = "OOM", why
             return row
-        reps, warm = self.reps_for(n)
-        P, r = self.world, self.rank
-        call, to_local = self._ulysses_call()
-        s = n // P
-        q, k, v, dout = (to_local(x[:, r * s:(r + 1) * s]).contiguous() for x in data)
+        reps, warm = self.reps_for(row.n)
+        q, k, v, dout = (shard(x) for x in data)
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 
         def fwd():
@@ -580,54 +508,9 @@ class Bench:
         res["fwd_out"] = fwd_out
         got = {}
         for name, t in res.items():
-            parts = self.gather_seq(to_local(t))
-            if self.rank == 0:
-                got[name] = torch.cat(parts, dim=1)
-        del res, fwd_out, parts
-        if self.rank == 0:
-            self.check(row, ref, got)
-        del got
-        row.fwd_ms = statistics.median(time_fn(fwd, reps=reps, warmup=warm, device=self.device, group=self.sp_group))
-        row.fwdbwd_ms = statistics.median(time_fn(fwdbwd, reps=reps, warmup=warm, device=self.device, group=self.sp_group))
-        row.reps = reps
-        free_memory(self.device)
-        return row
-
-    def run_cp(self, n: int, data, ref):
-        row = Row(n, "cp")
-        ok, why = self.memory_ok("cp", n)
-        if not ok:
-            row.status, row.note = "OOM", why
-            return row
-        reps, warm = self.reps_for(n)
-        P, r = self.world, self.rank
-        c = n // (2 * P)
-        mine = (r, 2 * P - 1 - r)
-        q, k, v, dout = (torch.cat([x[:, i * c:(i + 1) * c] for i in mine], dim=1) for x in data)
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        opts = dict(group=self.sp_group, rank=r, world=P, chunk=c, scale=self.scale, backend=self.args.backend,
-                    reduce_dtype=torch.float32 if self.args.cp_reduce_dtype == "fp32" else self.dtype)
-
-        def fwd():
-            with torch.no_grad():
-                return AllGatherKVAttention.apply(q, k, v, opts)
-
-        def fwdbwd():
-            out = AllGatherKVAttention.apply(qg, kg, vg, opts)
-            dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), dout)
-            return out.detach(), dq, dk, dv
-
-        fwd_out = fwd()
-        res = dict(zip(("out", "dq", "dk", "dv"), fwdbwd()))
-        res["fwd_out"] = fwd_out
-        got = {}
-        for name, t in res.items():
             parts = self.gather_seq(t)
             if self.rank == 0:
-                chunks = [None] * (2 * P)
-                for src, part in enumerate(parts):
-                    chunks[src], chunks[2 * P - 1 - src] = part[:, :c], part[:, c:]
-                got[name] = torch.cat(chunks, dim=1)
+                got[name] = unshard(parts)
         del res, fwd_out, parts
         if self.rank == 0:
             self.check(row, ref, got)
@@ -641,11 +524,11 @@ class Bench:
     # -- driver -------------------------------------------------------------------------
     def run(self) -> int:
         for line in self.describe():
-            log(line)
+            log0(line)
         for n in self.args.seqlens:
             t0 = time.perf_counter()
             reps, warm = self.reps_for(n)
-            log(f"\n== n = {n} (reps {reps}, warm-up {warm}) ==")
+            log0(f"\n== n = {n} (reps {reps}, warm-up {warm}) ==")
             data = self.make_data(n)
             row, ref = self.run_1gpu(n, data)
             self._add(row)
@@ -661,7 +544,7 @@ class Bench:
             if self.rank == 0:
                 self.print_pool_bytes(n)
                 self.write_markdown(final=False)
-            log(f"   (n = {n} took {time.perf_counter() - t0:.1f} s)")
+            log0(f"   (n = {n} took {time.perf_counter() - t0:.1f} s)")
         if self.rank == 0:
             self.print_summary()
             self.write_markdown(final=True)
@@ -672,7 +555,7 @@ class Bench:
     def _add(self, row: Row) -> None:
         self.rows.append(row)
         if self.rank == 0:
-            log("   " + self.format_row(row, plain=True))
+            log0("   " + self.format_row(row, plain=True))
 
     # -- reporting ----------------------------------------------------------------------
     def row_of(self, n: int, strategy: str) -> Optional[Row]:
@@ -684,12 +567,12 @@ class Bench:
     def derived(self, row: Row) -> dict:
         a = self.args
         base = self.row_of(row.n, "1gpu")
-        f = flops_fwd(a.batch, a.heads, row.n, a.head_dim)
+        f = attention_flops(a.batch, a.heads, row.n, a.head_dim)
         out = {}
         if row.measured:
             g = GPUS[row.strategy]
             out["tf_fwd"] = f / (row.fwd_ms * 1e-3) / g / 1e12
-            out["tf_fb"] = 3.5 * f / (row.fwdbwd_ms * 1e-3) / g / 1e12
+            out["tf_fb"] = FWD_BWD_FLOPS * f / (row.fwdbwd_ms * 1e-3) / g / 1e12
             if base is not None and base.measured:
                 out["sp_fwd"] = base.fwd_ms / row.fwd_ms
                 out["sp_fb"] = base.fwdbwd_ms / row.fwdbwd_ms
@@ -776,23 +659,23 @@ class Bench:
     def print_pool_bytes(self, n: int) -> None:
         for line in self.pool_bytes_lines():
             if line.startswith(f"n={n} "):
-                log("   " + line)
+                log0("   " + line)
 
     def print_summary(self) -> None:
-        log("\n== results ==")
-        log(self.table())
-        log("\n== pool transfer bytes per call (PoolStats of the base rank) ==")
+        log0("\n== results ==")
+        log0(self.table())
+        log0("\n== pool transfer bytes per call (PoolStats of the base rank) ==")
         for line in self.pool_bytes_lines():
-            log(line)
-        log("\n== issue 3 goals ==")
+            log0(line)
+        log0("\n== issue 3 goals ==")
         for line in self.goal_lines():
-            log(line)
-        log("\n== checks ==")
+            log0(line)
+        log0("\n== checks ==")
         if self.failures:
             for f in self.failures:
-                log(f"FAILED: {f}")
+                log0(f"FAILED: {f}")
         else:
-            log("all checks passed (every strategy matches 1 GPU within tolerance; the pool rank computed)")
+            log0("all checks passed (every strategy matches 1 GPU within tolerance; the pool rank computed)")
 
     def table(self) -> str:
         head = ("| n | strategy | fwd ms | fwd+bwd ms | fwd speedup | fwd+bwd speedup | fwd TFLOP/s/GPU"
@@ -811,7 +694,7 @@ class Bench:
         if not final:
             parts += ["**Partial results** (run still in progress or interrupted).", ""]
         parts += [self.table(), ""]
-        parts += ["Speedup = 1-GPU time / strategy time. TFLOP/s per GPU: causal forward 4*b*h*n^2*d/2,"
+        parts += ["Speedup = 1-GPU time / strategy time. TFLOP/s per GPU: causal forward 4*b*h*d*n(n+1)/2,"
                   " backward 2.5x, divided by the GPUs the strategy uses. Median of the reps; 2-rank"
                   " strategies count the slower rank.", ""]
         pb = self.pool_bytes_lines()
@@ -825,97 +708,12 @@ class Bench:
         os.replace(path + ".tmp", path)
 
 
-# --------------------------------------------------------------------------------------
-# All-gather-K/V context parallel attention (baseline)
-# --------------------------------------------------------------------------------------
-
-
-class AllGatherKVAttention(torch.autograd.Function):
-    """Context parallel attention: rank r holds zigzag chunks r and 2P-1-r of q, k, v.
-
-    Forward: all-gather K and V (one collective on [2, b, 2c, hk, d]), put them in
-    sequence order, run the local kernel for each own query chunk against the prefix it
-    sees (bottom-right causal). Backward: per chunk ``attention_backward`` with the
-    chunk's out/lse, dK/dV accumulated in fp32 over the whole sequence and
-    reduce-scattered back to the owners of the chunks (in the input dtype, as
-    TransformerEngine's all-gather CP does, or fp32 with ``--cp-reduce-dtype fp32``).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, opts):
-        group, r, P, c = opts["group"], opts["rank"], opts["world"], opts["chunk"]
-        kv = torch.stack((k, v), dim=0).contiguous()  # [2, b, 2c, hk, d]
-        gathered = torch.empty((P,) + tuple(kv.shape), dtype=kv.dtype, device=kv.device)
-        dist.all_gather_into_tensor(gathered.view((P * 2,) + tuple(kv.shape[1:])), kv, group=group)
-        chunks = [None] * (2 * P)
-        for src in range(P):
-            chunks[src], chunks[2 * P - 1 - src] = gathered[src, :, :, :c], gathered[src, :, :, c:]
-        kv_full = torch.cat(chunks, dim=2)  # [2, b, n, hk, d] in sequence order
-        del gathered, chunks
-        outs, lses, his = [], [], []
-        for slot, chunk in enumerate((r, 2 * P - 1 - r)):
-            hi = (chunk + 1) * c
-            o, lse = L.attention_forward(
-                q[:, slot * c:(slot + 1) * c], kv_full[0, :, :hi], kv_full[1, :, :hi],
-                causal=True, softmax_scale=opts["scale"], backend=opts["backend"],
-            )
-            outs.append(o)
-            lses.append(lse)
-            his.append(hi)
-        out = torch.cat(outs, dim=1)
-        ctx.save_for_backward(q, kv_full, out, *lses)
-        ctx.opts, ctx.his = opts, his
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, kv_full, out, *lses = ctx.saved_tensors
-        opts = ctx.opts
-        group, r, P, c = opts["group"], opts["rank"], opts["world"], opts["chunk"]
-        b, n, hk, d = kv_full.shape[1:]
-        dkv = torch.zeros((2, b, n, hk, d), dtype=torch.float32, device=q.device)
-        dqs = []
-        for slot, hi in enumerate(ctx.his):
-            sl = slice(slot * c, (slot + 1) * c)
-            dq, dk, dv = L.attention_backward(
-                dout[:, sl].contiguous(), q[:, sl], kv_full[0, :, :hi], kv_full[1, :, :hi], out[:, sl], lses[slot],
-                causal=True, softmax_scale=opts["scale"], backend=opts["backend"],
-            )
-            dqs.append(dq)
-            dkv[0, :, :hi] += dk
-            dkv[1, :, :hi] += dv
-        # rank-major order for the reduce-scatter: rank s gets its chunks s and 2P-1-s
-        rdt = opts["reduce_dtype"]
-        send = torch.empty((P, 2, b, 2 * c, hk, d), dtype=rdt, device=q.device)
-        for s in range(P):
-            send[s, :, :, :c] = dkv[:, :, s * c:(s + 1) * c]
-            lo = (2 * P - 1 - s) * c
-            send[s, :, :, c:] = dkv[:, :, lo:lo + c]
-        del dkv
-        mine = torch.empty((2, b, 2 * c, hk, d), dtype=rdt, device=q.device)
-        dist.reduce_scatter_tensor(mine, send.view(P * 2, b, 2 * c, hk, d), group=group)
-        return torch.cat(dqs, dim=1), mine[0].to(q.dtype), mine[1].to(q.dtype), None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, rank, world = init_process(args.device, args.pg_timeout)
-    if world < 2:
-        if rank == 0:
-            print("bench_pool_attention: run with torchrun --nproc_per_node 2 (base rank + 1 pool rank)", file=sys.stderr)
-        dist.destroy_process_group()
-        return 2
-    try:
-        bench = Bench(args, device, rank, world)
-        code = bench.run()
-    except Exception:  # noqa: BLE001 - print, then let torchrun stop the other ranks
-        print(f"[rank {rank}] bench_pool_attention failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
-    dist.barrier()
-    dist.destroy_process_group()
-    return code
+    return run_distributed(
+        "bench_pool_attention", lambda device, rank, world: Bench(args, device, rank, world).run(),
+        device=args.device, timeout_s=args.pg_timeout, usage="base rank + 1 pool rank",
+    )
 
 
 if __name__ == "__main__":

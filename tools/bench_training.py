@@ -26,12 +26,10 @@ import statistics
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from megatron_fapool.config import ConfigError, load_deepspeed_json
+from megatron_fapool.runtime import exit_on_user_error
 
-from megatron_fapool.benchmarking import launch, strategy, strategy_arg, write_strategy_config  # noqa: E402
-from megatron_fapool.config import ConfigError, load_deepspeed_json  # noqa: E402
-from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
+from _strategies import launch, strategy, strategy_arg, write_strategy_config
 
 
 def parse_args(argv=None):

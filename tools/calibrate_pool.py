@@ -23,30 +23,16 @@ attention backend from the config; ``--tp``, ``--dtype``, ``--backend`` override
 * once: the raw link bandwidth, from broadcasts of a big buffer (``--bw-mib``) from
   the base rank to the pool rank over their attention group.
 
-Threshold (DESIGN.md section 2): ``min t with Attention_Time(t) > FFN_Time(t) +
-Overhead(t)``. Between the last sweep point where the condition fails and the first
-where it holds, ``g(t) = A - F - O`` is interpolated linearly in ``log2 t`` and the
-threshold is the (floored) zero crossing. If the condition already holds at the
-smallest t, the threshold is that t; if it never holds, the largest t (with a warning:
-extrapolate with the fitted models (``A = a t^2``, ``F = f t``
-fitted like ``a``, ``O`` from the cost model) and say so.
+From these, :func:`megatron_fapool.attention.pool.calibrate.fit` derives the threshold
+(DESIGN.md section 2: ``min t with Attention_Time(t) > FFN_Time(t) + Overhead(t)``,
+interpolated in ``log2 t``), the cost model
+(:class:`~megatron_fapool.attention.pool.manager.CostModel`) and the break-even, measured
+(the smallest sweep t where the pooled call is faster than the local one) and predicted
+(``CostModel.break_even()``); its module docstring has the details. Both break-evens are
+printed with the difference in percent.
 
-Cost model (``megatron_fapool.attention.pool.manager.CostModel``):
-
-* ``attention_s_per_token2``: least squares of ``A(t) = a t^2`` in relative terms
-  (minimises ``sum((a t^2 - A)/A)^2``, so short and long t count alike);
-* ``link_bytes_per_s``: the broadcast bandwidth;
-* ``call_overhead_s``: the mean of ``Overhead(t)`` over the small t: the sweep points
-  up to the measured break-even (or the three smallest, if the pool never wins);
-* ``kv_bytes_per_token = 2 * kv_heads * head_dim * elt``,
-  ``q_bytes_per_token = heads * head_dim * elt`` (per base rank).
-
-Break-even: measured = the smallest sweep t where the pooled call is faster than the
-local one (also interpolated in log2 t); predicted = ``CostModel.break_even()``. Both
-are printed with the difference in percent.
-
-The JSON written to ``--output`` loads with ``manager.load_calibration`` and
-``CostModel(**data["cost_model"])``; use it from a config with
+The JSON written to ``--output`` is the format of :mod:`megatron_fapool.config.calibration`
+(read back with ``load_calibration`` before the tool exits); use it from a config with
 ``"threshold": "auto", "calibration_file": "<path>"`` in ``fapool.attention_pool``.
 Exit code 1 if the pooled result differs from the local one.
 
@@ -60,39 +46,27 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
-import os
 import socket
 import statistics
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_TOOLS))
-sys.path.insert(0, _TOOLS)
+from megatron_fapool.attention import kernels as L
+from megatron_fapool.attention.pool import CostModel, PooledAttention, PoolClient, PoolServer, PoolStats
+from megatron_fapool.attention.pool.calibrate import Fit, Measurements, calibration_file, fit, overheads
+from megatron_fapool.config import ConfigError, load_run_config
+from megatron_fapool.config.calibration import load_calibration, write_calibration
+from megatron_fapool.config.model_yaml import activation
+from megatron_fapool.parallel import LayoutError, compute_layout, initialize_parallel_groups
 
-from bench_pool_attention import DTYPES, free_memory, init_process, rel_err, time_fn  # noqa: E402
-from megatron_fapool.attention import kernels as L  # noqa: E402
-from megatron_fapool.attention.pool import CostModel, PooledAttention, PoolClient, PoolServer, PoolStats  # noqa: E402
-from megatron_fapool.attention.pool.manager import load_calibration  # noqa: E402
-from megatron_fapool.config import ConfigError, load_run_config  # noqa: E402
-from megatron_fapool.parallel import LayoutError, compute_layout, initialize_parallel_groups  # noqa: E402
+from _common import DTYPES, default_tol, free_memory, rel_err, run_distributed, time_fn
 
 DEFAULT_SEQLENS = ",".join(str(1 << i) for i in range(9, 17))  # 512 .. 65536
-
-_ACTIVATIONS = {
-    "gelu": (F.gelu, False),
-    "swiglu": (F.silu, True),
-    "silu": (F.silu, False),
-    "relu": (F.relu, False),
-    "squared_relu": (lambda x: F.relu(x).pow(2), False),
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,7 +123,7 @@ class Calibration:
         self.backend = args.backend or cfg.fapool.attention_backend.backend
         self.kv_chunk = args.kv_chunk or cfg.fapool.attention_pool.kv_chunk_tokens
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.tol = args.tol if args.tol is not None else (2.5e-2 if self.dtype in (torch.float16, torch.bfloat16) else 1e-4)
+        self.tol = args.tol if args.tol is not None else default_tol(self.dtype)
         self.elt = torch.tensor([], dtype=self.dtype).element_size()
         self.model = dict(
             config=args.deepspeed_config, model_yaml=cfg.model_yaml_path, tp=tp, heads_per_rank=self.heads,
@@ -211,7 +185,7 @@ class Calibration:
         ref = attn()
         a = statistics.median(time_fn(attn, reps=reps, warmup=warm, device=self.device)) * 1e-3
 
-        act, gated = _ACTIVATIONS[self.activation]
+        act, gated = activation(self.activation)
         g = torch.Generator(device=self.device).manual_seed(self.args.seed)
         width = 2 * self.ffn if gated else self.ffn
         w1 = (torch.randn(width, self.hidden, generator=g, device=self.device) * 0.02).to(self.dtype).requires_grad_()
@@ -244,7 +218,7 @@ class Calibration:
         client = PoolClient(self.groups, kv_chunk_tokens=self.kv_chunk, backend=self.backend, stats=PoolStats())
         active = self.world - 1
         try:
-            q, k, v, dout = (x.transpose(0, 1).contiguous() for x in data)  # [s, b, h, d]
+            q, k, v, dout = data  # [b, s, h, d], as the local phase's
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 
             def pooled():
@@ -253,7 +227,7 @@ class Calibration:
 
             got = pooled()
             nbytes = client.stats.bytes_sent + client.stats.bytes_received
-            err = max(rel_err(x.transpose(0, 1), r) for x, r in zip(got, ref))
+            err = max(rel_err(x, r) for x, r in zip(got, ref))
             del got
             p = statistics.median(time_fn(pooled, reps=reps, warmup=warm, device=self.device)) * 1e-3
         finally:
@@ -281,7 +255,7 @@ class Calibration:
                   f" | {'A > F+O':>7} | {'pool wins':>9} | {'pool bytes':>11} | check")
         self.log(header)
         self.log("-" * len(header))
-        seqlens, A, Fs, P, O, nbytes = [], [], [], [], [], []
+        seqlens, A, Fs, P, nbytes = [], [], [], [], []
         for t in a.seqlens:
             if self.rank == 0:
                 at, ft, ref, data = self.local_phase(t)
@@ -294,7 +268,7 @@ class Calibration:
             dist.barrier()
             if self.rank != 0:
                 continue
-            ot = max(0.0, pt - at / 2)
+            (ot,) = overheads([at], [pt])
             ok = err <= self.tol
             if not ok:
                 self.failures.append(f"t={t}: pooled attention differs from local ({err:.2e} > {self.tol:g})")
@@ -302,19 +276,23 @@ class Calibration:
             A.append(at)
             Fs.append(ft)
             P.append(pt)
-            O.append(ot)
             nbytes.append(nb)
             self.log(f"{t:>7} | {at * 1e3:>12.3f} | {ft * 1e3:>9.3f} | {pt * 1e3:>10.3f} | {ot * 1e3:>11.3f}"
                      f" | {'yes' if at > ft + ot else 'no':>7} | {'yes' if pt < at else 'no':>9}"
                      f" | {nb / 2**20:>7.1f} MiB | {'ok' if ok else 'WRONG'} ({err:.1e})")
         code = 0
         if self.rank == 0:
-            result = self.fit(seqlens, A, Fs, P, O, nbytes, link, device_name, started)
+            m = Measurements(seqlens=seqlens, attention_time=A, ffn_time=Fs, pooled_time=P, link_bytes_per_s=link,
+                             kv_bytes_per_token=2 * self.kv_heads * self.head_dim * self.elt,
+                             q_bytes_per_token=self.heads * self.head_dim * self.elt)
+            result = fit(m)
+            self.report(m, result, nbytes)
             out = a.output
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out + ".tmp", "w") as f:
-                json.dump(result, f, indent=2)
-            os.replace(out + ".tmp", out)
+            write_calibration(out, calibration_file(
+                m, result, pool_bytes_per_call=nbytes, device=device_name,
+                date=started.strftime("%Y-%m-%dT%H:%M:%SZ"), torch=torch.__version__, host=socket.gethostname(),
+                model=self.model,
+            ))
             data = load_calibration(out)  # what the resource manager will do
             CostModel(**data["cost_model"])
             self.log(f"wrote {out} (loads with load_calibration; use \"threshold\": \"auto\","
@@ -326,141 +304,43 @@ class Calibration:
         dist.broadcast(flag, src=0)
         return int(flag.item())
 
-    def fit(self, seqlens, A, Fs, P, O, nbytes, link, device_name, started) -> dict:
-        notes = []
-        ts = [float(t) for t in seqlens]
-        # threshold: min t with A > F + O, zero crossing of g interpolated in log2 t
-        g = [a - f - o for a, f, o in zip(A, Fs, O)]
-        idx = next((i for i, x in enumerate(g) if x > 0), None)
-        if idx is None:
-            threshold = None  # extrapolated below, once the cost model is fitted
-        elif idx == 0:
-            threshold = seqlens[0]
-            notes.append(f"the condition already holds at the smallest t={seqlens[0]}: threshold = that t")
-        else:
-            x0, x1 = math.log2(ts[idx - 1]), math.log2(ts[idx])
-            frac = g[idx - 1] / (g[idx - 1] - g[idx])  # g[idx-1] <= 0 < g[idx]
-            threshold = int(math.floor(2 ** (x0 + frac * (x1 - x0))))
-            notes.append(f"threshold interpolated in log2 t between t={seqlens[idx - 1]} and t={seqlens[idx]}")
-        # measured break-even
-        be_idx = next((i for i in range(len(seqlens)) if P[i] < A[i]), None)
-        measured = seqlens[be_idx] if be_idx is not None else None
-        measured_interp = None
-        if be_idx is not None:
-            if be_idx == 0:
-                measured_interp = float(seqlens[0])
-            else:
-                h0, h1 = A[be_idx - 1] - P[be_idx - 1], A[be_idx] - P[be_idx]
-                x0, x1 = math.log2(ts[be_idx - 1]), math.log2(ts[be_idx])
-                measured_interp = 2 ** (x0 + h0 / (h0 - h1) * (x1 - x0))
-        # cost model
-        a_fit = sum(t * t / x for t, x in zip(ts, A)) / sum((t * t / x) ** 2 for t, x in zip(ts, A))
-        small = [i for i in range(len(seqlens)) if measured is not None and seqlens[i] <= measured]
-        if not small:
-            small = list(range(min(3, len(seqlens))))
-        call_overhead = max(0.0, sum(O[i] for i in small) / len(small))
-        cost = dict(
-            attention_s_per_token2=a_fit,
-            link_bytes_per_s=link,
-            call_overhead_s=call_overhead,
-            kv_bytes_per_token=float(2 * self.kv_heads * self.head_dim * self.elt),
-            q_bytes_per_token=float(self.heads * self.head_dim * self.elt),
-        )
-        model = CostModel(**cost)
-        predicted = model.break_even()
-        if threshold is None:
-            # A > F + O never held in the sweep: extrapolate with A = a t^2, F = f t (relative least
-            # squares, like a) and O = the cost model's pooled time - a t^2 / 2
-            f_fit = sum(t / x for t, x in zip(ts, Fs)) / sum((t / x) ** 2 for t, x in zip(ts, Fs))
-
-            def holds(t):
-                return a_fit * t * t > f_fit * t + max(0.0, model.time(t, 1) - a_fit * t * t / 2)
-
-            lo, hi, cap = seqlens[-1], seqlens[-1] * 2, 1 << 22
-            while hi < cap and not holds(hi):
-                lo, hi = hi, hi * 2
-            while lo + 1 < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if holds(mid) else (mid, hi)
-            threshold = hi
-            notes.append(f"Attention_Time > FFN_Time + Overhead never held up to t={seqlens[-1]}: threshold"
-                         f" extrapolated with the fitted models (A = a t^2, F = {f_fit:.3g} s * t, O from the"
-                         " cost model); extend --seqlens to measure it")
-        self.log(f"\nthreshold = {threshold} ({notes[-1] if notes else ''})")
-        self.log("cost model: " + ", ".join(f"{k}={v:.4g}" for k, v in cost.items())
-                 + f" (call overhead = mean Overhead(t) over t in {[seqlens[i] for i in small]})")
+    def report(self, m: Measurements, result: Fit, nbytes: list[int]) -> None:
+        """The fit beside the sweep: threshold, cost model, break-even, model against measured times."""
+        model, notes = result.cost_model, result.notes
+        self.log(f"\nthreshold = {result.threshold} ({notes[-1] if notes else ''})")
+        self.log("cost model: " + ", ".join(f"{k}={v:.4g}" for k, v in vars(model).items())
+                 + f" (call overhead = mean Overhead(t) over t in {result.call_overhead_points})")
+        measured, predicted = result.measured_break_even, result.predicted_break_even
         if measured is None:
-            self.log(f"measured break-even: none (the pooled call never beat the local one up to t={seqlens[-1]});"
+            self.log(f"measured break-even: none (the pooled call never beat the local one up to t={m.seqlens[-1]});"
                      f" predicted break-even {predicted}")
-            diff = diff_interp = None
         else:
-            diff = 100.0 * (predicted - measured) / measured
-            diff_interp = 100.0 * (predicted - measured_interp) / measured_interp
+            diff, diff_interp = result.break_even_difference_percent(), result.break_even_difference_percent(True)
             self.log(f"break-even: measured {measured} (smallest sweep t where pooled < local;"
-                     f" interpolated {measured_interp:.0f}), predicted {predicted} by the cost model:"
-                     f" {diff:+.1f}% vs the sweep point, {diff_interp:+.1f}% vs the interpolated crossing"
+                     f" interpolated {result.measured_break_even_interpolated:.0f}), predicted {predicted} by the"
+                     f" cost model: {diff:+.1f}% vs the sweep point, {diff_interp:+.1f}% vs the interpolated crossing"
                      f" ({'within' if abs(diff_interp) <= 25 else 'NOT within'} 25%)")
-        for i, t in enumerate(seqlens):
+        for t, at, pt, nb in zip(m.seqlens, m.attention_time, m.pooled_time, nbytes):
             pred_p, pred_l = model.time(t, 1), model.time(t, 0)
             model_bytes = t * (model.kv_bytes_per_token + model.q_bytes_per_token)  # p=1: share 1/2, 2 directions
-            self.log(f"  t={t:>7}: model local {pred_l * 1e3:9.3f} ms (measured {A[i] * 1e3:9.3f}),"
-                     f" pooled {pred_p * 1e3:9.3f} ms (measured {P[i] * 1e3:9.3f});"
+            self.log(f"  t={t:>7}: model local {pred_l * 1e3:9.3f} ms (measured {at * 1e3:9.3f}),"
+                     f" pooled {pred_p * 1e3:9.3f} ms (measured {pt * 1e3:9.3f});"
                      f" bytes the model counts {model_bytes / 2**20:.1f} MiB, a pooled fwd+bwd call moved"
-                     f" {nbytes[i] / 2**20:.1f} MiB")
-        return {
-            "device": device_name,
-            "date": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "torch": torch.__version__,
-            "host": socket.gethostname(),
-            "model": self.model,
-            "seqlens": seqlens,
-            "attention_time": A,
-            "ffn_time": Fs,
-            "overhead": O,
-            "pooled_time": P,
-            "pool_bytes_per_call": nbytes,
-            "link_bytes_per_s": link,
-            "threshold": int(threshold),
-            "measured_break_even": measured,
-            "measured_break_even_interpolated": measured_interp,
-            "predicted_break_even": predicted,
-            "break_even_difference_percent": diff,
-            "break_even_difference_percent_interpolated": diff_interp,
-            "cost_model": cost,
-            "notes": notes + [
-                "times in seconds, forward+backward of one layer of one base rank (heads/query groups/ffn divided by TP)",
-                "overhead = max(0, pooled_time - attention_time/2)",
-                "attention_s_per_token2: least squares of attention_time = a t^2 in relative error",
-                "call_overhead_s: mean overhead over the sweep points up to the measured break-even"
-                " (the three smallest if none)",
-            ],
-        }
+                     f" {nb / 2**20:.1f} MiB")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, rank, world = init_process(args.device, args.pg_timeout)
-    if world < 2:
-        if rank == 0:
-            print("calibrate_pool: run with torchrun --nproc_per_node 2 (a base rank and a pool rank)", file=sys.stderr)
-        dist.destroy_process_group()
-        return 2
-    t0 = time.perf_counter()
-    try:
+
+    def calibrate(device, rank, world) -> int:
+        t0 = time.perf_counter()
         code = Calibration(args, device, rank, world).run()
-    except (SystemExit, ConfigError, LayoutError) as e:
         if rank == 0:
-            print(f"calibrate_pool: error: {e}", file=sys.stderr, flush=True)
-        os._exit(2)
-    except Exception:  # noqa: BLE001 - print, then let torchrun stop the other ranks
-        print(f"[rank {rank}] calibrate_pool failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
-    if rank == 0:
-        print(f"calibration took {time.perf_counter() - t0:.1f} s", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    return code
+            print(f"calibration took {time.perf_counter() - t0:.1f} s", flush=True)
+        return code
+
+    return run_distributed("calibrate_pool", calibrate, device=args.device, timeout_s=args.pg_timeout,
+                           usage="a base rank and a pool rank", user_errors=(SystemExit, ConfigError, LayoutError))
 
 
 if __name__ == "__main__":

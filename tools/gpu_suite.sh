@@ -22,7 +22,7 @@ for s in "$@"; do
       $PY -c "import torch, megatron.core, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" ;;
     kernels-test)
       stage kernels-test
-      timeout 150 $PY -m pytest tests/attention/test_local.py -q -m gpu -rs -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/kernels_test.txt" || rc=1 ;;
+      timeout 150 $PY -m pytest tests/attention/kernels -q -m gpu -rs -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/kernels_test.txt" || rc=1 ;;
     kernels-bench)
       stage kernels-bench
       CUDA_VISIBLE_DEVICES=0 timeout 240 $PY tools/bench_local_attention.py --markdown "$OUT/bench_local_attention.md" 2>&1 | tail -40 || rc=1 ;;
@@ -49,7 +49,7 @@ for s in "$@"; do
       timeout 400 bash tools/gpu_train_demo.sh ${TRAIN_DEMO_ITERS:-80} || rc=1 ;;
     infer-test)
       stage infer-test
-      timeout 240 $PY -m pytest tests/inference/test_generate_gpu.py tests/attention/test_pool_kv_cache.py -q -rs -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/infer_test.txt" || rc=1 ;;
+      timeout 240 $PY -m pytest tests/inference/test_generate_gpu.py tests/attention/pool/test_decode.py -q -rs -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/infer_test.txt" || rc=1 ;;
     decode-bench)
       stage decode-bench
       CUDA_VISIBLE_DEVICES=0 timeout 240 $PY tools/bench_decode_attention.py ${DECODE_ARGS:---backends sdpa_cudnn sdpa_flash sdpa_efficient flex --splits 1 auto 4 16} --markdown "$OUT/bench_decode_attention.md" 2>&1 | grep -v -i warn | tail -60 || rc=1 ;;

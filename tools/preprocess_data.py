@@ -25,14 +25,11 @@ Exits 2 with one ``fapool: error:`` line if an input path does not exist or no f
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_fapool.config import ConfigError  # noqa: E402
-from megatron_fapool.data.corpus import (  # noqa: E402
+from megatron_fapool.config import ConfigError
+from megatron_fapool.data.corpus import (
     DEFAULT_EXTENSIONS,
     SPLIT_MODES,
     find_input_files,
@@ -40,7 +37,7 @@ from megatron_fapool.data.corpus import (  # noqa: E402
     select_files,
     write_indexed_dataset,
 )
-from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
+from megatron_fapool.runtime import exit_on_user_error
 
 PROGRESS_EVERY_S = 2.0
 

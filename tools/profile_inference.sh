@@ -13,8 +13,8 @@ TOP=${4:-30}
 PY=${PY:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-single=$($PY -c "
-import sys; from megatron_fapool.benchmarking import STRATEGIES, write_strategy_config
+single=$(PYTHONPATH="tools${PYTHONPATH:+:$PYTHONPATH}" $PY -c "
+import sys; from _strategies import STRATEGIES, write_strategy_config
 print(write_strategy_config(sys.argv[1], STRATEGIES['single'], sys.argv[2], 'single'))" "$CONFIG" "$WORK")
 torchrun --nproc_per_node 1 --master_port 29519 launch/infer.py --profile-out "$WORK/prof" \
   --deepspeed_config "$single" --random-weights --prompt-lengths "$LEN" --max-new-tokens "$NEW" --warmup \

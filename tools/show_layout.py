@@ -9,14 +9,11 @@ heads not divisible by TP, ...).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_fapool.config import load_run_config  # noqa: E402
-from megatron_fapool.parallel import layout_from_config  # noqa: E402
-from megatron_fapool.runtime import exit_on_user_error  # noqa: E402
+from megatron_fapool.config import load_run_config
+from megatron_fapool.parallel import layout_from_config
+from megatron_fapool.runtime import exit_on_user_error
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from .calibration import load_calibration
 from .errors import ConfigError, from_validation_error
 from .model_yaml import ModelYaml, UniqueKeyLoader
 from .schema import FAPoolConfig, known_keys
@@ -168,8 +169,6 @@ def load_run_config(json_path: str, *, model_yaml: str | None = None) -> RunConf
         yaml_path = _relative_to(here, fapool.model_yaml)
     pool = fapool.attention_pool
     if pool.calibration_file:
-        from ..attention.pool.manager import load_calibration
-
         pool = pool.model_copy(update={"calibration_file": _relative_to(here, pool.calibration_file)})
         load_calibration(pool.calibration_file)  # a missing or broken file fails now, not mid-run
         fapool = fapool.model_copy(update={"attention_pool": pool})

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-__all__ = ["LanguageModel", "ModelParallel", "ModelYaml", "UniqueKeyLoader", "to_transformer_config"]
+__all__ = ["LanguageModel", "ModelParallel", "ModelYaml", "UniqueKeyLoader", "activation", "to_transformer_config"]
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -100,7 +100,8 @@ class ModelYaml(_Section):
     model_parallel: ModelParallel = ModelParallel()
 
 
-def _activation(name: str):
+def activation(name: str):
+    """``(function, gated)`` of an ``activation_func`` name (gated: a GLU, like Megatron's ``gated_linear_unit``)."""
     import torch.nn.functional as F
 
     return {
@@ -126,7 +127,7 @@ def to_transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = params_dtype or torch.float32
-    func, gated = _activation(model.activation_func)
+    func, gated = activation(model.activation_func)
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

@@ -24,72 +24,20 @@ on data-parallel rank ``r`` of ``D`` holds global sample
 
 from __future__ import annotations
 
-import abc
 import os
-from dataclasses import dataclass
 
 import numpy
 import torch
 
 from ..config import ConfigError
+from .packed import PackedData
 from .tokenizer import ByteTokenizer
+from .types import Batch, TrainingData
 
-__all__ = ["DATA_MODES", "Batch", "DocumentData", "TrainingData", "open_training_data"]
+__all__ = ["DATA_MODES", "DocumentData", "open_training_data"]
 
 DATA_MODES: tuple[str, ...] = ("documents", "packed")
 _VOCAB_SCAN_TOKENS = 1 << 20  # tokens of the .bin checked against the model's vocabulary at open time
-
-
-@dataclass
-class Batch:
-    """One micro-batch: ``tokens`` predict ``labels`` where ``loss_mask`` is 1."""
-
-    tokens: torch.Tensor  # [b, n] int64 inputs
-    labels: torch.Tensor  # [b, n] int64 next tokens
-    loss_mask: torch.Tensor  # [b, n] float32, 0 on padding
-
-    @property
-    def num_tokens(self) -> int:
-        """The number of loss-bearing tokens (``loss_mask.sum()``)."""
-        return int(self.loss_mask.sum().item())
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(micro_batch_size, sequence length)``."""
-        return tuple(self.tokens.shape)
-
-
-class TrainingData(abc.ABC):
-    """An opened dataset that hands out the micro-batches of one data-parallel rank."""
-
-    mode: str
-
-    def __init__(self, data_prefix: str, indexed, *, seq_length: int, seed: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int) -> None:
-        self.data_prefix = data_prefix
-        self.indexed = indexed  # megatron.core.datasets.indexed_dataset.IndexedDataset
-        self.seq_length = seq_length
-        self.seed = seed
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.total_documents = len(indexed)
-        self.total_tokens = int(indexed.sequence_lengths.sum(dtype=numpy.int64))
-
-    def sample_ids(self, micro_index: int) -> range:
-        """The global sample numbers of this rank's micro-batch ``micro_index``."""
-        if micro_index < 0:
-            raise ValueError(f"micro_index must be >= 0, got {micro_index}")
-        first = (micro_index * self.dp_size + self.dp_rank) * self.micro_batch_size
-        return range(first, first + self.micro_batch_size)
-
-    @abc.abstractmethod
-    def batch(self, micro_index: int) -> Batch:
-        """Micro-batch number ``micro_index`` of this rank (the same on every call)."""
-
-    @abc.abstractmethod
-    def describe(self) -> str:
-        """One line: path, mode, documents, tokens."""
 
 
 class DocumentData(TrainingData):
@@ -252,7 +200,5 @@ def open_training_data(
                   dp_size=dp_size)
     if mode == "documents":
         return DocumentData(data_prefix, indexed, eod=tokenizer.eod, **common)
-    from .packed import PackedData
-
     return PackedData(data_prefix, indexed, tokenizer=tokenizer, num_micro_batches=num_micro_batches,
                       cache_dir=cache_dir, **common)

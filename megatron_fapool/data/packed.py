@@ -46,8 +46,8 @@ import numpy
 import torch
 
 from ..config import ConfigError
-from .batches import Batch, TrainingData
 from .tokenizer import ByteTokenizer
+from .types import Batch, TrainingData
 
 __all__ = ["PackedData", "build_index", "default_cache_dir", "open_gpt_dataset"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .session import rope_positions
+from ..models.rope import PositionalRotaryEmbedding
 
 __all__ = ["Generation", "Request", "RequestError", "generate", "validate_requests"]
 
@@ -86,6 +86,8 @@ def _gather_tp(last: torch.Tensor, tp_group) -> torch.Tensor:
 def _next_tokens(model, ids, positions: list[int], device, tp_group, pp_group, pick) -> list[int]:
     """One forward of ``ids`` ``[b, s]`` (row ``i`` starting at ``positions[i]``); each row's next token.
 
+    The positions are data: ``position_ids`` ``[b, s]`` of the forward, which a RoPE
+    model built by ``build_gpt_model`` uses as its RoPE positions (``models/rope.py``).
     The tokens are the same on every rank. With pipeline stages, each stage receives
     the previous stage's hidden states, runs its layers (each keeping its own KV cache)
     and passes them on; the last stage picks the tokens and broadcasts them.
@@ -94,8 +96,7 @@ def _next_tokens(model, ids, positions: list[int], device, tp_group, pp_group, p
     pos = torch.tensor(positions, device=device)[:, None] + torch.arange(s, device=device)[None]
     stages = dist.get_world_size(pp_group) if pp_group is not None else 1
     if stages == 1:
-        with rope_positions(model, positions):
-            logits = model(ids, pos, None)  # [b, s, vocab / tp]
+        logits = model(ids, pos, None)  # [b, s, vocab / tp]
         return _pick_rows(_gather_tp(logits[:, -1].float().contiguous(), tp_group), pick)
     ranks = dist.get_process_group_ranks(pp_group)
     stage = ranks.index(dist.get_rank())
@@ -103,8 +104,7 @@ def _next_tokens(model, ids, positions: list[int], device, tp_group, pp_group, p
         hidden = torch.empty((s, b, model.config.hidden_size), dtype=model.config.params_dtype, device=device)
         dist.recv(hidden, src=ranks[stage - 1])
         model.set_input_tensor(hidden)
-    with rope_positions(model, positions):
-        out = model(ids, pos, None)  # hidden states [s, b, h], or logits [b, s, vocab / tp] on the last stage
+    out = model(ids, pos, None)  # hidden states [s, b, h], or logits [b, s, vocab / tp] on the last stage
     tokens = torch.zeros(b, dtype=torch.long, device=device)
     if stage < stages - 1:
         dist.send(out.contiguous(), dst=ranks[stage + 1])
@@ -146,6 +146,10 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
     model's padded vocabulary); ``stop_token`` ends a request early.
     """
     validate_requests(requests, vocab_size=vocab_size, max_positions=max_positions)
+    if getattr(model, "position_embedding_type", None) == "rope" and not isinstance(
+            model.rotary_pos_emb, PositionalRotaryEmbedding):
+        raise ValueError("the model's RoPE ignores position_ids, so decode rows would sit at position 0: build it"
+                         " with models.gpt.build_gpt_model or call models.rope.install_rope(model)")
     if decode_batch < 0:
         raise RequestError(f"decode_batch must be >= 0 (0: all live requests), got {decode_batch}")
     model.eval()

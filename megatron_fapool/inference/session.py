@@ -3,13 +3,13 @@
 An :class:`InferenceSession` is shared by the layers of one base rank (like the
 attention pool): the generation loop says which request a forward is for and whether
 it is its prefill or one decode step (:meth:`InferenceSession.step`); each layer's
-:class:`InferenceCoreAttention` then asks the session instead of attending over its
-inputs alone.
+core attention, built with the :class:`KVCached` strategy, then asks the session
+instead of attending over its inputs alone.
 
 * Prefill of ``n`` tokens: the resource manager decides as in training. Above the
   threshold the attention runs through the pool (forward only) and the layer's K/V is
   stored sharded over the base rank and its active pool ranks
-  (:class:`~megatron_fapool.attention.pool.kv_cache.PoolKVCache`); below it, attention
+  (:class:`~megatron_fapool.attention.pool.decode.PoolKVCache`); below it, attention
   is local and the K/V stays on the base rank.
 * Decode: one forward carries one new token of each request of a batch (row ``i``
   belongs to the ``i``-th request; short and pooled requests may share a batch). Each
@@ -18,8 +18,8 @@ inputs alone.
   exchange per layer and their partials are merged by log-sum-exp on the base rank.
 
 Megatron's own inference context is not used: it would keep every request's whole
-K/V on the base rank. RoPE positions of a decode step come from
-:func:`rope_positions`, which gives each row of a decode batch its own position.
+K/V on the base rank. RoPE positions of a decode step are the forward's
+``position_ids`` (each row at its request's position): :mod:`megatron_fapool.models.rope`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention import Dense, Pooled
 from ..attention.kernels import local_attention
-from ..attention.pool import PooledAttention, PoolCoreAttention
-from ..attention.pool.kv_cache import KVShardStore, PoolKVCache, decode_partial
+from ..attention.pool import PooledAttention
+from ..attention.pool.decode import KVShardStore, PoolKVCache, decode_partial
 
-__all__ = ["InferenceCoreAttention", "InferenceSession", "rope_positions"]
+__all__ = ["InferenceSession", "KVCached"]
 
 
 @dataclass
@@ -49,7 +50,7 @@ class InferenceSession:
         self.pool = pool
         self.backend = backend
         self.pooled = PoolKVCache(pool.client, backend=backend) if pool is not None else None
-        self.local = KVShardStore()
+        self.unpooled = KVShardStore()  # whole K/V of the requests that stayed on this rank
         self.members: dict[int, int] = {}  # request -> 1 (local) or base + active pool ranks
         self.current: _Step | None = None
         self.forwards = {"prefill": 0, "decode": 0}  # forwards served, by mode
@@ -91,13 +92,13 @@ class InferenceSession:
     def tokens_held(self, request: int) -> int:
         """K/V tokens of ``request`` on this base rank, summed over layers."""
         pooled = self.pooled.tokens_held(request) if self.pooled is not None else 0
-        return self.local.tokens_of(request) + pooled
+        return self.unpooled.tokens_of(request) + pooled
 
     def free(self, request: int) -> None:
         """Drop the request's K/V here and on the pool."""
         if self.members.pop(request, None) is None:
             return
-        self.local.free(request)
+        self.unpooled.free(request)
         if self.pooled is not None:
             self.pooled.free(request)
 
@@ -119,15 +120,13 @@ class InferenceSession:
         if members != active + 1:
             raise RuntimeError(f"request {request}: layers disagree on the pool size ({members - 1} vs {active})")
         if active:
-            with torch.no_grad():  # PooledAttention takes Megatron's [s, b, h, d]
-                out = PooledAttention.apply(
-                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.pool.client, active, True, scale
-                ).transpose(0, 1)
+            with torch.no_grad():
+                out = PooledAttention.apply(q, k, v, self.pool.client, active, True, scale)
             self.pooled.store(request, layer, k[0], v[0], members=members)
             return out
         if self.pool is not None:
             self.pool.stats.local_calls += 1
-        self.local.put(request, layer, k[0], v[0])
+        self.unpooled.put(request, layer, k[0], v[0])
         return local_attention(q, k, v, causal=True, softmax_scale=scale, backend=self.backend)
 
     def _decode(self, requests, layer, q, k, v, scale):
@@ -144,57 +143,31 @@ class InferenceSession:
                 rows[i] = o
         for i, r in enumerate(requests):
             if rows[i] is None:
-                shard = self.local.shards[(r, layer)]
+                shard = self.unpooled.shards[(r, layer)]
                 shard.append(k[i], v[i])
                 out, _ = decode_partial(q[i], shard.k, shard.v, softmax_scale=scale, backend=self.backend)
                 rows[i] = out.to(q.dtype)
         return torch.stack(rows)
 
 
-class InferenceCoreAttention(PoolCoreAttention):
-    """The pool's core attention; inside an :meth:`InferenceSession.step` it serves KV-cached inference."""
+class KVCached:
+    """Attend strategy of a served model: inside an :meth:`InferenceSession.step` the session
+    attends (KV caches, pooled prefill and decode); outside one, ``inner`` does (a plain forward).
 
-    def __init__(self, *args, session: InferenceSession | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    ``inner`` is ``Dense`` or ``Pooled(Dense)``: the session computes dense causal attention.
+    """
+
+    def __init__(self, inner, session: InferenceSession):
+        if not isinstance(getattr(inner, "inner", inner), Dense) or not isinstance(inner, (Dense, Pooled)):
+            raise ValueError(f"KV-cached inference serves dense attention only, got {inner!r}")
+        self.inner = inner
         self.session = session
 
-    def attend(self, q, k, v, *, causal: bool):
-        if self.session is None or self.session.current is None:
-            return super().attend(q, k, v, causal=causal)
-        return self.session.attend(self.layer_number, q, k, v, softmax_scale=self.softmax_scale)
+    def __call__(self, layer, q, k, v, *, causal: bool) -> torch.Tensor:
+        if self.session.current is None:
+            return self.inner(layer, q, k, v, causal=causal)
+        return self.session.attend(layer.layer_number, q, k, v, softmax_scale=layer.softmax_scale)
 
+    def __repr__(self) -> str:
+        return f"KVCached({self.inner!r})"
 
-@contextlib.contextmanager
-def rope_positions(model, positions):
-    """Megatron's rotary embedding for a forward whose row ``i`` starts at ``positions[i]``.
-
-    GPTModel computes RoPE for positions ``0..s-1`` of its input, the same for every
-    row; a decode step's rows sit at their own requests' positions. Equal positions
-    shift Megatron's own offset; unequal ones give each row its frequencies
-    (``[s, b, 1, d]``, which Megatron's unfused RoPE broadcasts over heads). No-op for
-    models without RoPE.
-    """
-    rope = getattr(model, "rotary_pos_emb", None)
-    positions = [int(p) for p in positions]
-    if rope is None or not any(positions):
-        yield
-        return
-    original = rope.forward
-    if len(set(positions)) == 1:
-        def shifted(max_seq_len, offset=0, *args, **kwargs):
-            return original(max_seq_len, offset + positions[0], *args, **kwargs)
-    else:
-        if getattr(model.config, "apply_rope_fusion", False):
-            raise ValueError("per-row RoPE positions need apply_rope_fusion=False")
-
-        def shifted(max_seq_len, offset=0, *args, **kwargs):
-            emb = original(max(positions) + offset + max_seq_len, *args, **kwargs)  # [P, 1, 1, d]
-            rows = torch.tensor(positions, device=emb.device)[None, :] + offset  # [1, b]
-            rows = rows + torch.arange(max_seq_len, device=emb.device)[:, None]  # [s, b]
-            return emb[:, 0][rows]  # [s, b, 1, d]
-
-    rope.forward = shifted
-    try:
-        yield
-    finally:
-        del rope.forward

@@ -7,7 +7,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from ..config import ConfigError, RunConfig, to_transformer_config
-from .attention_selection import layer_spec_for
+from .rope import install_rope
+from .specs import layer_spec_for
 
 __all__ = ["build_gpt_model", "check_runnable_here", "transformer_config_for"]
 
@@ -27,13 +28,6 @@ def check_runnable_here(run_config: RunConfig, *, pipeline_model_parallel_size: 
     if torch.cuda.is_available():
         return
     lm = run_config.model.language_model
-    if lm.position_embedding_type == "rope":
-        raise ConfigError(
-            "language_model.position_embedding_type",
-            "rope needs a GPU with megatron-core 0.16 (its RotaryEmbedding moves to torch.cuda.current_device());"
-            " use learned_absolute on CPU",
-            source=run_config.model_yaml_path,
-        )
     pp = pipeline_model_parallel_size or run_config.pipeline_model_parallel_size
     if pp > 1 and not lm.untie_embeddings_and_output_weights:
         raise ConfigError(
@@ -48,7 +42,8 @@ def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, pool
     """``GPTModel`` for this base rank's pipeline stage (Megatron groups must exist).
 
     Without ``layer_spec`` the core attention follows the config (dense or dilated,
-    through ``pool`` when given): :func:`.attention_selection.layer_spec_for`.
+    through ``pool`` when given): :func:`.specs.layer_spec_for`. A RoPE model gets
+    :func:`.rope.install_rope`: its forward's ``position_ids`` are its RoPE positions.
     """
     lm = run_config.model.language_model
     pp = (config.pipeline_model_parallel_size if config is not None
@@ -57,7 +52,7 @@ def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, pool
     config = config or transformer_config_for(run_config, **config_overrides)
     if layer_spec is None:
         layer_spec = layer_spec_for(run_config, pool)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
         vocab_size=lm.vocab_size,
@@ -68,3 +63,5 @@ def build_gpt_model(run_config: RunConfig, *, layer_spec=None, config=None, pool
         position_embedding_type=lm.position_embedding_type,
         rotary_base=lm.rotary_base,
     )
+    install_rope(model)  # RoPE at the forward's position_ids, on any device
+    return model

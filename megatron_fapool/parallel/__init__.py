@@ -1,6 +1,6 @@
 """Ranks, roles and process groups."""
 
-from .groups import ParallelGroups, destroy_parallel_groups, initialize_parallel_groups
+from .groups import ParallelGroups, initialize_parallel_groups
 from .roles import Layout, LayoutError, RankRole, compute_layout, layout_from_config
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "ParallelGroups",
     "RankRole",
     "compute_layout",
-    "destroy_parallel_groups",
     "initialize_parallel_groups",
     "layout_from_config",
 ]

@@ -4,7 +4,7 @@
 1. Megatron's own groups for the base ranks, made by Megatron's
    ``initialize_model_parallel`` over the base ranks ``[0, num_base)`` only (the
    world also holds pool and expert ranks, which Megatron must not count as data
-   parallel replicas).
+   parallel replicas): :func:`_initialize_megatron_over_base_ranks` says how and why.
 2. One attention group per base rank and candidate active pool size.
 3. MA separation: the expert group and the dispatch group of each pipeline stage.
 
@@ -15,17 +15,15 @@ Activating or releasing pool ranks later creates no communicator.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from unittest import mock
 
-import torch
 import torch.distributed as dist
 
 from .roles import BASE, EXPERT, POOL, Layout, RankRole
 
-__all__ = ["ParallelGroups", "destroy_parallel_groups", "initialize_parallel_groups"]
+__all__ = ["ParallelGroups", "initialize_parallel_groups"]
 
 
 @dataclass
@@ -62,27 +60,49 @@ class ParallelGroups:
         return self.attention[members]
 
 
-@contextlib.contextmanager
-def _megatron_world_of(num_ranks: int):
-    """Make Megatron's initializer see a world of ``num_ranks`` (the base ranks).
+def _initialize_megatron_over_base_ranks(layout: Layout, timeout_s: float) -> None:
+    """Megatron's ``parallel_state`` over the base ranks ``[0, num_base)`` only: the one adapter.
 
-    ``initialize_model_parallel`` derives the data-parallel size from the default
-    group's size; here the base ranks are a prefix of the world. Only the no-group
-    query is answered differently; ``new_group`` itself sizes by the default group.
+    Why a patch: megatron-core 0.16.1's ``initialize_model_parallel`` takes the world it
+    divides into TP x PP x DP from ``torch.distributed.get_world_size()``
+    (parallel_state.py:736) and builds its ``RankGenerator`` with ``rank_offset=0``
+    (parallel_state.py:782, 805); it has no argument for a grid smaller than the world,
+    so here, while it runs, the no-group query answers ``num_base`` (the base ranks are
+    a prefix of the world; ``new_group`` itself sizes by the default group, and every
+    query naming a group is answered as usual). Paths below are under ``megatron/core/``.
+
+    Why not ``HyperCommGrid(shape, dim_names, rank_offset=0)`` plus an explicit
+    ``ProcessGroupCollection`` for ``GPTModel``: the grid makes the same groups over a
+    prefix of the world, but nothing in 0.16.1 installs them in ``parallel_state``, and
+    parts of the model read its globals whatever ``pg_collection`` says. The unfused
+    loss of ``GPTModel(labels=...)`` calls ``vocab_parallel_cross_entropy`` without a
+    group (``models/common/language_module/language_module.py:167``), which takes the TP
+    group from ``parallel_state`` (``tensor_parallel/cross_entropy.py:131-157``: with
+    only a grid it fails "tensor model parallel group is not initialized"); the matmul
+    buffer of ``DotProductAttention`` and of sequence-parallel linears
+    (``transformer/dot_product_attention.py:189``, ``tensor_parallel/layers.py:482``)
+    exists only after ``initialize_model_parallel``; the RNG seed reads the TP and
+    expert ranks there unless given (``tensor_parallel/random.py:405-408``). DeepSpeed's
+    ``mpu`` (``training/deepspeed_world.MegatronMPU``), inference and tests read it too.
     """
+    from megatron.core import parallel_state
+
     real = dist.get_world_size
 
     def world_size(group=None):
-        return num_ranks if group is None else real(group)
+        return layout.num_base if group is None else real(group)
 
     with mock.patch.object(dist, "get_world_size", world_size):
-        yield
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            create_gloo_process_groups=False,
+            distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+        )
 
 
 def initialize_parallel_groups(layout: Layout, *, timeout_s: float = 600.0) -> ParallelGroups:
     """Create all groups of ``layout`` on the initialised default process group."""
-    from megatron.core import parallel_state
-
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call init_process_group first")
     world = dist.get_world_size()
@@ -91,14 +111,7 @@ def initialize_parallel_groups(layout: Layout, *, timeout_s: float = 600.0) -> P
     rank = dist.get_rank()
     timeout = timedelta(seconds=timeout_s)
 
-    with _megatron_world_of(layout.num_base):
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp,
-            pipeline_model_parallel_size=layout.pp,
-            create_gloo_process_groups=False,
-            distributed_timeout_minutes=max(1, int(timeout_s // 60)),
-        )
-
+    _initialize_megatron_over_base_ranks(layout, timeout_s)
     groups = ParallelGroups(layout=layout, rank=rank)
     if layout.num_base == world:
         groups.base = dist.group.WORLD
@@ -118,22 +131,3 @@ def initialize_parallel_groups(layout: Layout, *, timeout_s: float = 600.0) -> P
             groups.dispatch = dispatch
     return groups
 
-
-def destroy_parallel_groups() -> None:
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-
-
-def megatron_process_groups():
-    """Megatron's ``ProcessGroupCollection`` of this base rank (for ``GPTModel``)."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    return ProcessGroupCollection.use_mpu_process_groups()
-
-
-def device_for_backend() -> torch.device:
-    """The device this rank computes on: its CUDA device under NCCL, else the CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -1,10 +1,13 @@
 """Single-process Megatron reference models on CPU, and TP-aware weight/grad helpers.
 
 The reference is Megatron's own ``GPTModel`` with Megatron's own local layer spec
-(``DotProductAttention``). That module allocates its score buffer from Megatron's
-global memory buffer on ``torch.cuda.current_device()`` and forks the CUDA RNG
-tracker around dropout; :func:`cpu_reference_shims` points both at the CPU for the
-duration of a test (the computation itself is Megatron's, unchanged).
+(``DotProductAttention``). A RoPE model gets the RoPE module that ``build_gpt_model``
+installs (:func:`~megatron_fapool.models.rope.install_rope`, itself checked against
+Megatron's ``RotaryEmbedding`` in ``tests/models/test_rope.py``). ``DotProductAttention``
+allocates its score buffer from Megatron's global memory buffer on
+``torch.cuda.current_device()`` and forks the CUDA RNG tracker around dropout;
+:func:`cpu_reference_shims` points both at the CPU for the duration of a test (the
+computation itself is Megatron's, unchanged).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+
+from ..models.gpt import transformer_config_for
+from ..models.rope import install_rope
 
 __all__ = ["cpu_reference_shims", "full_from_shard", "load_sharded", "megatron_reference_spec", "reference_gpt_model"]
 
@@ -60,17 +66,17 @@ def reference_gpt_model(run_config, *, seed: int = 7):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from ..models.gpt import transformer_config_for
-
     lm = run_config.model.language_model
     parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
     torch.manual_seed(seed)
-    return GPTModel(
+    model = GPTModel(
         transformer_config_for(run_config, tensor_model_parallel_size=1), megatron_reference_spec(),
         vocab_size=lm.vocab_size, max_sequence_length=lm.max_position_embeddings,
-        position_embedding_type=lm.position_embedding_type,
+        position_embedding_type=lm.position_embedding_type, rotary_base=lm.rotary_base,
         share_embeddings_and_output_weights=not lm.untie_embeddings_and_output_weights,
     )
+    install_rope(model)
+    return model
 
 
 def _partition(param) -> tuple[bool, int]:

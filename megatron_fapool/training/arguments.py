@@ -14,6 +14,7 @@ import importlib.util
 import os
 
 from ..config import ConfigError
+from ..data import BYTE_VOCAB_SIZE
 
 __all__ = ["DATA_MODES", "ZERO_STAGES", "check_run", "parse_args"]
 
@@ -83,8 +84,6 @@ def check_run(args, run_config) -> None:
         raise ConfigError("--seq-length", "not given and the model YAML has no seq_length")
     if seq > lm.max_position_embeddings:
         raise ConfigError("--seq-length", f"{seq} exceeds max_position_embeddings={lm.max_position_embeddings} of the model")
-    from ..data import BYTE_VOCAB_SIZE
-
     if lm.vocab_size < BYTE_VOCAB_SIZE:
         raise ConfigError(
             "language_model.vocab_size",

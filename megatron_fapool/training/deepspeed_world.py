@@ -1,7 +1,7 @@
 """DeepSpeed on the base ranks only: the ``mpu`` it is given and the world it sees.
 
 Pool ranks hold no weights and never call ``deepspeed.initialize``; they sit in their
-serving loop (``attention/pool/server.py``). DeepSpeed, however, calls a few
+serving loop (``attention/pool/endpoints.py``). DeepSpeed, however, calls a few
 collectives on its *world* (``deepspeed.comm.barrier()`` around checkpoint saves, the
 checkpoint-tag check, ...), which would wait for ranks that never come. Two pieces fix
 that without touching DeepSpeed's code:
@@ -14,7 +14,9 @@ that without touching DeepSpeed's code:
   answers "the world" with the group of base ranks: collectives called without a
   group run over the base ranks, ``get_world_size()`` is their number. Base ranks are
   the prefix ``[0, num_base)`` of the world, so a rank's number is the same in both.
-  Nothing outside DeepSpeed is affected (Megatron and the pool always name a group).
+  Nothing outside DeepSpeed is affected (Megatron and the pool always name a group),
+  and this context is the only code that changes DeepSpeed's state; it restores all
+  of it on exit.
 """
 
 from __future__ import annotations
@@ -127,13 +129,20 @@ class _BaseRanksBackend:
         return call
 
 
+_SHM_COMM_OP = "deepspeed_shm_comm"
+_ABSENT = object()
+
+
 @contextlib.contextmanager
 def base_ranks_as_world(base_group, num_base: int):
     """DeepSpeed's collectives without a group run over ``base_group`` inside this block.
 
-    A no-op when the base ranks are the whole world. Call after
-    ``deepspeed.comm.init_distributed`` (which :func:`deepspeed.initialize` does too,
-    so this function does it first, on the already initialised default group).
+    The one place where DeepSpeed's own state is changed, all of it undone on exit:
+    its communication backend object (``deepspeed.comm.comm.cdb``, wrapped when the
+    base ranks are not the whole world) and its table of buildable ops
+    (``deepspeed.ops.__compatible_ops__``). Call after the default group exists:
+    ``deepspeed.comm.init_distributed`` (which :func:`deepspeed.initialize` does too)
+    is done here first, on that group.
     """
     import deepspeed.comm as ds_comm
     import deepspeed.ops
@@ -142,16 +151,23 @@ def base_ranks_as_world(base_group, num_base: int):
     if dist.get_rank() >= num_base:
         raise RuntimeError(f"rank {dist.get_rank()} is not a base rank: it must not run DeepSpeed")
     # DeepSpeed's CPU shared-memory all-reduce (used by its inference all-reduce only) is
-    # JIT-compiled and then waits in shared memory for every process of the world, pool
-    # ranks included, which never come: training does not need it, so it is not built.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-    if num_base == dist.get_world_size():
-        yield
-        return
-    inner = ds_comm_impl.cdb
-    ds_comm_impl.cdb = _BaseRanksBackend(inner, base_group, num_base)
+    # JIT-compiled when its backend starts and then waits in shared memory for every
+    # process of the world, pool ranks included, which never come: training does not
+    # need it, so it is not built.
+    ops = deepspeed.ops.__compatible_ops__
+    shm_before = ops.get(_SHM_COMM_OP, _ABSENT)
+    ops[_SHM_COMM_OP] = False
+    inner = None
     try:
+        ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        if num_base != dist.get_world_size():
+            inner = ds_comm_impl.cdb
+            ds_comm_impl.cdb = _BaseRanksBackend(inner, base_group, num_base)
         yield
     finally:
-        ds_comm_impl.cdb = inner
+        if inner is not None:
+            ds_comm_impl.cdb = inner
+        if shm_before is _ABSENT:
+            ops.pop(_SHM_COMM_OP, None)
+        else:
+            ops[_SHM_COMM_OP] = shm_before

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..attention.pool import AttentionPool
+from ..data import open_training_data
+from ..models.gpt import build_gpt_model
 from . import checkpoint as ckpt
 from .arguments import check_batch_sizes
 from .deepspeed_world import MegatronMPU, base_ranks_as_world
@@ -52,9 +55,6 @@ def _reported_loss(per_token_loss: torch.Tensor, mask: torch.Tensor) -> float:
 def _build_model(run_config, groups, args, device):
     from megatron.core import tensor_parallel
 
-    from ..attention.pool import AttentionPool
-    from ..models.gpt import build_gpt_model
-
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
@@ -71,8 +71,6 @@ def train_base_rank(args, run_config, groups, device, *, resume: tuple[str, dict
     """Train on this base rank until ``args.train_iters``; ``log`` prints on the reporting rank."""
     import deepspeed
     from megatron.core import parallel_state as ps
-
-    from ..data import open_training_data
 
     layout = groups.layout
     lm = run_config.model.language_model

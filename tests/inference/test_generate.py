@@ -15,7 +15,7 @@ import torch
 from megatron_fapool.testing.distributed import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
+CONFIG = os.path.join(ROOT, "configs", "tiny_dense_rope_pool.json")
 PROMPTS = {1: 749, 2: 60, 3: 300}
 NEW = 6
 
@@ -61,9 +61,9 @@ def _served_body(rank, world, reference, pool_on, decode_batch):
 
     from megatron_fapool.attention.pool import AttentionPool, PoolServer
     from megatron_fapool.inference.generate import Request, generate
-    from megatron_fapool.inference.session import InferenceCoreAttention, InferenceSession
+    from megatron_fapool.inference.session import InferenceSession, KVCached
     from megatron_fapool.models.gpt import build_gpt_model
-    from megatron_fapool.models.gpt_layer_specs import get_fapool_gpt_layer_spec
+    from megatron_fapool.models.specs import layer_spec_for
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
     from megatron_fapool.testing.megatron_reference import load_sharded
 
@@ -84,8 +84,7 @@ def _served_body(rank, world, reference, pool_on, decode_batch):
         return {"role": "pool", "held": held, "left": len(server.kv.shards), "stats": stats.as_dict()}
     pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool) if pool_on else None
     session = InferenceSession(pool)
-    spec = get_fapool_gpt_layer_spec(core_attention=InferenceCoreAttention,
-                                     core_attention_params={"pool": pool, "session": session})
+    spec = layer_spec_for(cfg, pool, wrap=lambda attend: KVCached(attend, session))
     model = build_gpt_model(cfg, layer_spec=spec)
     load_sharded(model, reference["state"], parallel_state.get_tensor_model_parallel_rank(), 2)
     lm = cfg.model.language_model
@@ -122,9 +121,9 @@ def _pipeline_body(rank, world, reference):
     from megatron.core import parallel_state
 
     from megatron_fapool.inference.generate import Request, generate
-    from megatron_fapool.inference.session import InferenceCoreAttention, InferenceSession
+    from megatron_fapool.inference.session import InferenceSession, KVCached
     from megatron_fapool.models.gpt import build_gpt_model
-    from megatron_fapool.models.gpt_layer_specs import get_fapool_gpt_layer_spec
+    from megatron_fapool.models.specs import layer_spec_for
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
     from megatron_fapool.testing.megatron_reference import load_sharded
 
@@ -134,8 +133,7 @@ def _pipeline_body(rank, world, reference):
                               fapool=cfg.fapool.model_copy(update={"attention_pool": pool_cfg}))
     initialize_parallel_groups(layout_from_config(cfg, world))
     session = InferenceSession(None)
-    spec = get_fapool_gpt_layer_spec(core_attention=InferenceCoreAttention,
-                                     core_attention_params={"pool": None, "session": session})
+    spec = layer_spec_for(cfg, None, wrap=lambda attend: KVCached(attend, session))
     model = build_gpt_model(cfg, layer_spec=spec)
     lm = cfg.model.language_model
     load_sharded(model, _stage_state(reference["state"], model, lm.num_layers), 0, 1)

@@ -25,9 +25,9 @@ def _body(rank, world):
     from megatron_fapool.attention.pool import AttentionPool, PoolServer
     from megatron_fapool.config import load_run_config
     from megatron_fapool.inference.generate import Request, generate
-    from megatron_fapool.inference.session import InferenceCoreAttention, InferenceSession
+    from megatron_fapool.inference.session import InferenceSession, KVCached
     from megatron_fapool.models.gpt import build_gpt_model
-    from megatron_fapool.models.gpt_layer_specs import get_fapool_gpt_layer_spec
+    from megatron_fapool.models.specs import layer_spec_for
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
 
     device = torch.device("cuda", rank)
@@ -43,8 +43,7 @@ def _body(rank, world):
         return {"served": PoolServer(groups, device=device).serve().served_forward}
     pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool)
     session = InferenceSession(pool)
-    spec = get_fapool_gpt_layer_spec(core_attention=InferenceCoreAttention,
-                                     core_attention_params={"pool": pool, "session": session})
+    spec = layer_spec_for(cfg, pool, wrap=lambda attend: KVCached(attend, session))
     torch.manual_seed(3)
     from megatron.core import tensor_parallel
 

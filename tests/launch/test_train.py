@@ -3,6 +3,7 @@
 * pool on (2 base TP ranks + 2 pool ranks) equals pool off (2 base ranks), 20 iterations;
 * a run killed with SIGKILL exits non-zero quickly, and rerunning with --load resumes
   from the last complete checkpoint and reproduces the uninterrupted run exactly;
+* a killed pool rank ends every rank quickly, naming it;
 * bad input exits 2 with one line before any work.
 """
 
@@ -211,6 +212,35 @@ def test_sigkill_then_resume_loses_nothing_saved(straight_run, corpus, tmp_path)
                 assert torch.equal(t, b["module"][name]), name
 
 
+def test_sigkill_of_a_pool_rank_ends_every_rank(corpus, tmp_path):
+    """SIGKILL pool rank 2 (it serves base rank 0) mid-run: every rank exits non-zero within 60 s, naming rank 2."""
+    cfg = _config(tmp_path / "c.json", pool=True)
+    args = _train_args(cfg, corpus, tmp_path / "m.jsonl") + ["--train-iters", "400"]
+    proc = subprocess.Popen(_launch("torchrun", 4, args), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    found: dict = {}
+    reader = threading.Thread(target=_kill_when, args=(proc, f"iteration {3:>8d}/", 2, found), daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    out = "".join(found.get("lines", []))
+    assert "killed_at" in found, out[-3000:]
+    assert rc != 0
+    assert time.monotonic() - found["killed_at"] < 60
+    # Named by whoever sees it first: the base rank (its pooled call failed), the liveness
+    # monitor, or the launcher's root-cause report (torchrun stops the others at once).
+    named = (
+        "lost contact with rank(s) [2]" in out
+        or "lost rank 2 (pool)" in out
+        or re.search(r"Root Cause.*?rank\s*:\s*2 \(local_rank: 2\)", out, re.S)
+    )
+    assert named, out[-3000:]
+
+
 # ---- bad input: rank 0 alone fails in the preflight, before any process group ----
 
 def _error_line(proc) -> str:
@@ -268,4 +298,35 @@ def test_bad_flags_and_configs(rank0, tmp_path, corpus, extra, mutate, expected)
     args = ["--deepspeed_config", cfg, "--data-path", corpus]
     args += [] if "--train-iters" in extra else ["--train-iters", "2"]
     line = _error_line(rank0("train", args + extra))
+    assert expected in line, line
+
+
+
+def _model_yaml(tmp_path, old: str, new: str):
+    """A mutation pointing the config at a copy of the tiny model YAML with ``old`` replaced by ``new``."""
+    src = open(os.path.join(ROOT, "configs", "models", "tiny_dense.yaml")).read()
+    (tmp_path / "m.yaml").write_text(src.replace(old, new))
+    return lambda d: d["fapool"].update(model_yaml=str(tmp_path / "m.yaml"))
+
+
+@pytest.mark.parametrize(
+    "mutate, yaml_edit, world, expected",
+    [
+        (lambda d: d["fapool"]["attention_pool"].update(treshold=64), None, 4,
+         "fapool.attention_pool.treshold: unknown key"),
+        (lambda d: d["fapool"]["attention_pool"].update(pool_size=4), None, 4,
+         "attention_pool.pool_size=4 does not fit a world of 4 ranks"),
+        (lambda d: d["fapool"]["attention_pool"].update(threshold=-5), None, 4, "fapool.attention_pool.threshold"),
+        (lambda d: d["fapool"]["parallel"].update(tensor_model_parallel_size=3), None, 5,
+         "not divisible by tensor_model_parallel_size=3"),
+        (None, ("num_attention_heads: 4", "num_attention_heads: four"), 4,
+         "language_model.num_attention_heads: got 'four'"),
+    ],
+)
+def test_bad_config_or_layout(rank0, tmp_path, corpus, mutate, yaml_edit, world, expected):
+    if yaml_edit is not None:
+        mutate = _model_yaml(tmp_path, *yaml_edit)
+    cfg = _config(tmp_path / "c.json", pool=True, mutate=mutate)
+    line = _error_line(rank0("train", ["--deepspeed_config", cfg, "--data-path", corpus, "--train-iters", "2"],
+                             world=world))
     assert expected in line, line

@@ -1,7 +1,7 @@
 """Issue 6 "in the model": a dilated GPT at TP 2, and with the pool splitting heads,
 equals the single-process model.
 
-Reference: Megatron's ``GPTModel`` at TP 1 with :class:`DilatedCoreAttention` (what
+Reference: Megatron's ``GPTModel`` at TP 1 with the ``Dilated`` core attention (what
 ``build_gpt_model`` selects for ``configs/tiny_dilated.json`` without a pool), built in
 the base rank of the first run (its process is a TP 1 world for Megatron) and passed
 on. Same weights (sliced per TP rank), same tokens; logits, loss and every parameter
@@ -74,7 +74,7 @@ def _reference(model, lengths, vocab):
 def _body(rank, world, tp, cases, reference):
     from megatron.core import parallel_state
 
-    from megatron_fapool.attention.dilated_core_attention import DilatedCoreAttention, PoolDilatedCoreAttention
+    from megatron_fapool.attention import Dilated, FapoolCoreAttention, Pooled
     from megatron_fapool.attention.pool import AttentionPool, PoolServer
     from megatron_fapool.models.gpt import build_gpt_model
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
@@ -92,14 +92,16 @@ def _body(rank, world, tp, cases, reference):
         torch.manual_seed(7)
         ref_model = build_gpt_model(cfg)
         core = ref_model.decoder.layers[0].self_attention.core_attention
-        assert type(core) is DilatedCoreAttention and core.head_offset == 0 and core.total_heads == 4
+        assert type(core) is FapoolCoreAttention and type(core.attend) is Dilated
+        assert core.head_offset == 0 and core.total_heads == 4
         reference = _reference(ref_model, sorted({n for n, _ in cases}), vocab)
         del ref_model
     pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool) if world > tp else None
     model = build_gpt_model(cfg, pool=pool)
     tp_rank, tp_group = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
     core = model.decoder.layers[0].self_attention.core_attention
-    assert type(core) is (PoolDilatedCoreAttention if pool else DilatedCoreAttention)
+    assert type(core.attend) is (Pooled if pool else Dilated)
+    assert type(getattr(core.attend, "inner", core.attend)) is Dilated
     assert core.head_offset == tp_rank * (4 // tp) and core.total_heads == 4
     load_sharded(model, reference["state"], tp_rank, tp)
     errors, counters = [], []

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron_fapool.testing.distributed import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
+CONFIG = os.path.join(ROOT, "configs", "tiny_dense_rope_pool.json")
 THRESHOLD = 128
 
 
@@ -58,10 +58,9 @@ def _reference_body(rank, world, cases):
 def _pool_body(rank, world, cases, reference):
     from megatron.core import parallel_state
 
-    from megatron_fapool.attention.pool import AttentionPool, PoolCoreAttention, PoolServer
+    from megatron_fapool.attention.pool import AttentionPool, PoolServer
     from megatron_fapool.config import load_run_config
     from megatron_fapool.models.gpt import build_gpt_model
-    from megatron_fapool.models.gpt_layer_specs import get_fapool_gpt_layer_spec
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
     from megatron_fapool.testing.megatron_reference import full_from_shard, load_sharded
 
@@ -79,8 +78,7 @@ def _pool_body(rank, world, cases, reference):
         return {"role": "pool", "stats": PoolServer(groups, device=torch.device("cpu")).serve().as_dict()}
 
     pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool)
-    spec = get_fapool_gpt_layer_spec(core_attention=PoolCoreAttention, core_attention_params={"pool": pool})
-    model = build_gpt_model(cfg, layer_spec=spec)
+    model = build_gpt_model(cfg, pool=pool)
     tp_rank, tp_group = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
     load_sharded(model, reference["state"], tp_rank, tp)
     errors, counters = [], []

@@ -12,7 +12,7 @@ def _groups_body(rank, world_size, tp, pool_size, ratio):
 
     layout = compute_layout(world_size, tp=tp, pool_size=pool_size, attention_expert_ratio=ratio, num_attention_heads=8)
     groups = initialize_parallel_groups(layout)
-    out = {"role": groups.role.role, "attention": sorted(groups.attention)}
+    out = {"role": groups.role.role, "attention": sorted(groups.attention), "world": dist.get_world_size()}
     if groups.is_base:
         out["tp"] = (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank())
         out["dp"] = ps.get_data_parallel_world_size()
@@ -37,6 +37,7 @@ def _groups_body(rank, world_size, tp, pool_size, ratio):
 def test_two_base_tp2_plus_two_pool():
     res = run_distributed(_groups_body, 4, 2, 2, None, timeout=120)
     assert [r["role"] for r in res] == ["base", "base", "pool", "pool"]
+    assert all(r["world"] == 4 for r in res)  # Megatron saw 2 ranks only while it made its groups
     for r in res[:2]:
         assert r["dp"] == 1 and r["dp_sum"] == 1.0  # pool ranks are not data-parallel replicas
     assert res[0]["tp"] == (2, 0) and res[1]["tp"] == (2, 1)

@@ -31,9 +31,8 @@ def test_bench_inference_single_vs_pool(tmp_path):
     assert "| pool | 2 | 300 | 2 |" in text and "batch 2: pool TPS >= 1 GPU from" in text
 
 
-def test_break_even_interpolates_where_the_pool_stays_ahead():
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from bench_inference import break_even
+def test_break_even_interpolates_where_the_pool_stays_ahead(load_tool):
+    break_even = load_tool("bench_inference").break_even
 
     def rows(ratios):
         out = []
@@ -71,9 +70,9 @@ def test_bench_decode_attention_smoke(tmp_path):
     assert len(rows) == 4 and not any("differs" in r or "failed" in r for r in rows)
 
 
-def test_mixed_workload_draws_and_percentiles():
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from bench_mixed_workload import percentile, workload
+def test_mixed_workload_draws_and_percentiles(load_tool):
+    tool = load_tool("bench_mixed_workload")
+    percentile, workload = tool.percentile, tool.workload
 
     lengths = workload(40, 0.1, (512, 2048), (32768, 131072), 131040, seed=0)
     assert len(lengths) == 40 and sum(x >= 32768 for x in lengths) == 4
@@ -83,8 +82,9 @@ def test_mixed_workload_draws_and_percentiles():
     assert percentile([3.0], 99) == 3.0
 
 
-def test_strategy_names():
-    from megatron_fapool.benchmarking import Strategy, strategy
+def test_strategy_names(load_tool):
+    strategies = load_tool("_strategies")
+    Strategy, strategy = strategies.Strategy, strategies.strategy
 
     assert strategy("single") == Strategy(gpus=1)
     assert strategy("pool") == Strategy(gpus=2, pool_size=1)

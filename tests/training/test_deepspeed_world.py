@@ -1,8 +1,10 @@
-"""DeepSpeed's group-less collectives are sent to the base ranks' group (checked against DeepSpeed's own comm.py)."""
+"""DeepSpeed's group-less collectives are sent to the base ranks' group (checked against DeepSpeed's own comm.py),
+and every change to DeepSpeed's state is undone when the block ends."""
 
 import torch
 
-from megatron_fapool.training.deepspeed_world import _BaseRanksBackend
+from megatron_fapool.testing.distributed import run_distributed
+from megatron_fapool.training.deepspeed_world import _BaseRanksBackend, base_ranks_as_world
 
 BASE = object()  # stands for the base ranks' process group
 
@@ -60,3 +62,31 @@ def test_groupless_collectives_go_to_the_base_ranks(monkeypatch):
     other = object()
     ds.all_reduce(t, group=other)
     assert _group_of(rec.calls[-1]) is other
+
+
+def _scoped_body(rank, world_size):
+    import deepspeed.comm as ds
+    import deepspeed.ops
+    import torch.distributed as dist
+    from deepspeed.comm import comm as impl
+
+    base = dist.new_group([0])
+    if rank != 0:  # rank 1 stands for a pool rank: it never runs DeepSpeed
+        dist.barrier()
+        return None
+    ops = deepspeed.ops.__compatible_ops__
+    ops["deepspeed_shm_comm"] = "before"
+    with base_ranks_as_world(base, num_base=1):
+        inside = {"shm": ops["deepspeed_shm_comm"], "world": ds.get_world_size(),
+                  "wrapped": type(impl.cdb).__name__}
+        backend = impl.cdb._inner
+    after = {"shm": ops["deepspeed_shm_comm"], "restored": impl.cdb is backend}
+    dist.barrier()
+    return inside, after
+
+
+def test_every_change_to_deepspeed_is_undone_on_exit():
+    """Inside: DeepSpeed's world is the base ranks and its shared-memory op is off; after: both as before."""
+    inside, after = run_distributed(_scoped_body, 2, timeout=120)[0]
+    assert inside == {"shm": False, "world": 1, "wrapped": "_BaseRanksBackend"}
+    assert after == {"shm": "before", "restored": True}

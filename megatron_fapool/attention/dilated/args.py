@@ -1,11 +1,17 @@
-"""Argument checks for dilated attention: each error names the argument at fault."""
+"""The dilated-attention call, defined once: its arguments, their defaults and their checks.
+
+:func:`check_dilated_args` is the one definition of what a dilated call takes besides the
+tensors and the kernel options; :func:`~megatron_fapool.attention.dilated.dilated_attention`
+passes its arguments through it, and the float64 references take them as they are
+(``*call, **heads``) and hand them to it. Each error names the argument at fault.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -14,12 +20,13 @@ __all__ = ["DilatedArgs", "check_dilated_args"]
 
 @dataclass(frozen=True)
 class DilatedArgs:
-    """Checked, normalised arguments shared by the local and distributed paths."""
+    """One checked, normalised dilated call (everything but the tensors and the kernel options)."""
 
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
+    causal: bool
     softmax_scale: float
-    head_offset: int
+    head_offset: int  # global index of local head 0
     total_heads: int
     kv_group: int  # query heads per key/value head (GQA)
 
@@ -42,17 +49,7 @@ def _positive_ints(name: str, values) -> tuple[int, ...]:
     return tuple(out)
 
 
-def check_dilated_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    softmax_scale: Optional[float],
-    head_offset: int,
-    total_heads: Optional[int],
-) -> DilatedArgs:
-    """Validate q/k/v ([batch, seq, heads, head_dim], self-attention) and the branches."""
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -75,6 +72,31 @@ def check_dilated_args(
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_dilated_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    *,
+    head_offset: int = 0,
+    total_heads: int | None = None,
+) -> DilatedArgs:
+    """Validate and normalise one dilated call (DESIGN.md §4).
+
+    q ``[batch, seq, H, head_dim]``, k/v ``[batch, seq, H_kv, head_dim]`` (self-attention,
+    ``H % H_kv == 0``: GQA). Branch i has segment length ``segment_lengths[i]`` and
+    dilation rate ``dilation_rates[i]``. ``softmax_scale`` defaults to
+    ``1 / sqrt(head_dim)``. The local heads are global heads ``head_offset ..
+    head_offset + H - 1`` of ``total_heads`` (default ``head_offset + H``): head offsets
+    use the global index, so a process holding a subset of the heads computes exactly
+    those heads of the full result.
+    """
+    _check_tensors(q, k, v)
     segs = _positive_ints("segment_lengths", segment_lengths)
     rates = _positive_ints("dilation_rates", dilation_rates)
     if len(segs) != len(rates):
@@ -98,4 +120,4 @@ def check_dilated_args(
         scale = float(softmax_scale)
         if not math.isfinite(scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
-    return DilatedArgs(segs, rates, scale, int(head_offset), int(total_heads), q.shape[2] // k.shape[2])
+    return DilatedArgs(segs, rates, bool(causal), scale, int(head_offset), int(total_heads), heads // k.shape[2])

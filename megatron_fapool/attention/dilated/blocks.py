@@ -1,29 +1,30 @@
-"""Gather dilated blocks into dense tensors, run the local kernel on them, scatter back.
+"""Gather dilated blocks into dense tensors, run the kernel on them, scatter back.
 
+The index path (:mod:`.plan`), for the branches the strided views cannot express.
 Tensors are contiguous ``[b, n, H, *tail]`` (tail = ``(d,)`` for Q/K/V/O, empty for the
 lse kept sequence-major as ``[b, n, H]``); gathers are ``index_select`` on the
 ``[b, n*H, *tail]`` view (head_dim contiguous elements per index), scatters
-``index_copy_`` / ``index_add_``. A :class:`BlockGroup` of ``J`` blocks of ``L`` rows and
-``hc`` heads gathers into ``[b*J, L, hc, *tail]``: the segments fold into the batch
-dimension, so one kernel call covers all of them. No buffer grows with ``n*w`` or
+``index_copy_`` / ``index_add_``. A :class:`~.plan.BlockGroup` of ``J`` blocks of ``L``
+rows and ``hc`` heads gathers into ``[b*J, L, hc, *tail]``: the segments fold into the
+batch dimension, so one kernel call covers all of them. No buffer grows with ``n*w`` or
 ``n^2``; temporaries are bounded by ``max_rows_x_heads`` per call.
 
-Forward merges each block result into fp32 (out, lse) accumulators with
-``merge_partials``; backward calls ``attention_backward`` per block with the *global*
+Forward merges each block result into the running (out, lse) accumulators with
+``merge_partials``; backward calls ``attention_backward`` per block with the *merged*
 out and lse (the ring-flash-attention rule), so the branch gradients simply add up.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
-from megatron_fapool.attention.dilated.plan import BlockGroup
-from megatron_fapool.attention.kernels import attention_backward, attention_forward, merge_partials
+from ..kernels import attention_backward, attention_forward, merge_partials
+from .plan import BlockGroup
 
 __all__ = [
-    "accumulator_dtype",
+    "DEFAULT_MAX_ROWS_X_HEADS",
     "blocks_backward_",
     "blocks_forward_",
     "gather_blocks",
@@ -33,12 +34,7 @@ __all__ = [
 DEFAULT_MAX_ROWS_X_HEADS = 1 << 22
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half types, else the input dtype (float64 stays float64)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def gather_blocks(x: torch.Tensor, index: torch.Tensor, rows_slice: Optional[tuple[int, int]]) -> torch.Tensor:
+def gather_blocks(x: torch.Tensor, index: torch.Tensor, rows_slice: tuple[int, int] | None) -> torch.Tensor:
     """Blocks of ``x`` [b, n, H, *tail] as ``[b*J, L, hc, *tail]`` (index: [J, L, hc] into
     ``x`` viewed as [b, n*H, *tail]); a view when the group is a row slice."""
     b, tail = x.shape[0], x.shape[3:]
@@ -52,7 +48,7 @@ def gather_blocks(x: torch.Tensor, index: torch.Tensor, rows_slice: Optional[tup
 def scatter_blocks_(
     dst: torch.Tensor,
     index: torch.Tensor,
-    rows_slice: Optional[tuple[int, int]],
+    rows_slice: tuple[int, int] | None,
     values: torch.Tensor,
     mode: str,
 ) -> None:
@@ -82,7 +78,7 @@ def _lse_blocks(lse_seq: torch.Tensor, group: BlockGroup) -> torch.Tensor:
     return gather_blocks(lse_seq, group.q_index, group.q_slice).transpose(1, 2)
 
 
-def _chunks(groups: Iterable[BlockGroup], max_rows_x_heads: Optional[int]):
+def _chunks(groups: Iterable[BlockGroup], max_rows_x_heads: int | None):
     for group in groups:
         yield from group.chunks(max_rows_x_heads)
 
@@ -91,57 +87,52 @@ def blocks_forward_(
     acc_out: torch.Tensor,
     acc_lse: torch.Tensor,
     q: torch.Tensor,
-    k_src: torch.Tensor,
-    v_src: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     groups: Iterable[BlockGroup],
     *,
     softmax_scale: float,
     backend: str,
-    max_rows_x_heads: Optional[int] = DEFAULT_MAX_ROWS_X_HEADS,
-    merge: bool = True,
+    max_rows_x_heads: int | None = DEFAULT_MAX_ROWS_X_HEADS,
 ) -> None:
     """Attend every block of ``groups`` and LSE-merge it into ``acc_out`` [b, n, H, d]
-    and ``acc_lse`` [b, n, H] (both in the accumulator dtype, updated in place).
-
-    ``merge=False`` writes instead of merging: only for the first branch, whose
-    (row, head) places are still empty (out 0, lse -inf)."""
+    and ``acc_lse`` [b, n, H] (updated in place)."""
     for c in _chunks(groups, max_rows_x_heads):
         qb = gather_blocks(q, c.q_index, c.q_slice)
-        kb = gather_blocks(k_src, c.k_index, c.k_slice)
-        vb = gather_blocks(v_src, c.k_index, c.k_slice)
+        kb = gather_blocks(k, c.k_index, c.k_slice)
+        vb = gather_blocks(v, c.k_index, c.k_slice)
         new_out, new_lse = attention_forward(qb, kb, vb, causal=c.causal, softmax_scale=softmax_scale, backend=backend)
-        if merge:
-            prev_out = gather_blocks(acc_out, c.q_index, c.q_slice)
-            new_out, new_lse = merge_partials(prev_out, _lse_blocks(acc_lse, c), new_out, new_lse)
+        prev_out = gather_blocks(acc_out, c.q_index, c.q_slice)
+        new_out, new_lse = merge_partials(prev_out, _lse_blocks(acc_lse, c), new_out, new_lse)
         scatter_blocks_(acc_out, c.q_index, c.q_slice, new_out, "copy")
         scatter_blocks_(acc_lse, c.q_index, c.q_slice, new_lse.transpose(1, 2), "copy")
 
 
 def blocks_backward_(
     dq: torch.Tensor,
-    dk_src: torch.Tensor,
-    dv_src: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
     dout: torch.Tensor,
     q: torch.Tensor,
-    k_src: torch.Tensor,
-    v_src: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     out: torch.Tensor,
     lse_seq: torch.Tensor,
     groups: Iterable[BlockGroup],
     *,
     softmax_scale: float,
     backend: str,
-    max_rows_x_heads: Optional[int] = DEFAULT_MAX_ROWS_X_HEADS,
+    max_rows_x_heads: int | None = DEFAULT_MAX_ROWS_X_HEADS,
 ) -> None:
-    """Add every block's gradient contribution to ``dq``, ``dk_src``, ``dv_src``.
+    """Add every block's gradient contribution to ``dq``, ``dk``, ``dv``.
 
-    ``out`` / ``lse_seq`` are the *merged* (global) output and lse ([b, n, H]), so each
-    block's contribution is its exact share of the gradient of the union softmax.
+    ``out`` / ``lse_seq`` are the *merged* output and lse ([b, n, H]), so each block's
+    contribution is its exact share of the gradient of the union softmax.
     """
     for c in _chunks(groups, max_rows_x_heads):
         qb = gather_blocks(q, c.q_index, c.q_slice)
-        kb = gather_blocks(k_src, c.k_index, c.k_slice)
-        vb = gather_blocks(v_src, c.k_index, c.k_slice)
+        kb = gather_blocks(k, c.k_index, c.k_slice)
+        vb = gather_blocks(v, c.k_index, c.k_slice)
         dout_b = gather_blocks(dout, c.q_index, c.q_slice)
         out_b = gather_blocks(out, c.q_index, c.q_slice)
         dq_b, dk_b, dv_b = attention_backward(
@@ -149,5 +140,5 @@ def blocks_backward_(
             causal=c.causal, softmax_scale=softmax_scale, backend=backend,
         )
         scatter_blocks_(dq, c.q_index, c.q_slice, dq_b, "add")
-        scatter_blocks_(dk_src, c.k_index, c.k_slice, dk_b, "add")
-        scatter_blocks_(dv_src, c.k_index, c.k_slice, dv_b, "add")
+        scatter_blocks_(dk, c.k_index, c.k_slice, dk_b, "add")
+        scatter_blocks_(dv, c.k_index, c.k_slice, dv_b, "add")

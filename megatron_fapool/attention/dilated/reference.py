@@ -7,12 +7,12 @@ lse = -inf. One head at a time, O(n^2) memory per head: for tests, not for train
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from megatron_fapool.attention.dilated.plan import effective_segment, head_offset
+from .args import DilatedArgs, check_dilated_args
+from .plan import effective_segment, head_offset
 
 __all__ = [
     "dilated_attention_reference",
@@ -29,7 +29,7 @@ def dilated_multiplicity(
     global_head: int,
     total_heads: int,
     causal: bool,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """C_h[i, j] = sum_k 1[j in S_k(i, h)] as an [n, n] int32 tensor."""
     idx = torch.arange(seq_len, device=device)
@@ -56,74 +56,53 @@ def _head_terms(q, k, v, log_c, scale):
     return probs, torch.einsum("bij,bjd->bid", probs, v), lse
 
 
-def _setup(q, k, v, total_heads, head_offset_, softmax_scale):
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, seq, heads, head_dim], got shape {tuple(q.shape)}")
-    hq, hkv = q.shape[2], k.shape[2]
-    total = total_heads if total_heads is not None else head_offset_ + hq
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return hq, hq // hkv, total, scale
+def _log_multiplicity(q: torch.Tensor, h: int, args: DilatedArgs) -> torch.Tensor:
+    """log C for local head ``h`` as float64 [n, n] (-inf where C = 0)."""
+    c = dilated_multiplicity(
+        q.shape[1], args.segment_lengths, args.dilation_rates, global_head=args.head_offset + h,
+        total_heads=args.total_heads, causal=args.causal, device=q.device,
+    )
+    return c.double().log()
 
 
 def dilated_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    causal: bool = True,
-    softmax_scale: Optional[float] = None,
-    *,
-    head_offset: int = 0,
-    total_heads: Optional[int] = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *call, **heads
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [b, n, h, d] float64, lse [b, h, n] float64) from the definition."""
-    hq, group, total, scale = _setup(q, k, v, total_heads, head_offset, softmax_scale)
+    """(out [b, n, h, d] float64, lse [b, h, n] float64) from the definition.
+
+    ``*call, **heads``: the rest of a :func:`~.check_dilated_args` call (segment lengths,
+    rates, causal, softmax scale, ``head_offset=``, ``total_heads=``), as
+    :func:`~megatron_fapool.attention.dilated.dilated_attention` takes them."""
+    args = check_dilated_args(q, k, v, *call, **heads)
     q, k, v = q.double(), k.double(), v.double()
-    n = q.shape[1]
     outs, lses = [], []
-    for h in range(hq):
-        c = dilated_multiplicity(
-            n, segment_lengths, dilation_rates, global_head=head_offset + h,
-            total_heads=total, causal=causal, device=q.device,
-        )
-        _, o, lse = _head_terms(q[:, :, h], k[:, :, h // group], v[:, :, h // group], c.double().log(), scale)
+    for h in range(q.shape[2]):
+        kv = h // args.kv_group
+        _, o, lse = _head_terms(q[:, :, h], k[:, :, kv], v[:, :, kv], _log_multiplicity(q, h, args), args.softmax_scale)
         outs.append(o)
         lses.append(lse)
     return torch.stack(outs, dim=2), torch.stack(lses, dim=1)
 
 
 def dilated_attention_reference_vjp(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    causal: bool = True,
-    softmax_scale: Optional[float] = None,
-    *,
-    head_offset: int = 0,
-    total_heads: Optional[int] = None,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *call, **heads
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, dq, dk, dv) in float64, the gradients by the softmax backward formulas, one
     head at a time: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = tau dS K,
-    dK = tau dS^T Q (summed over the query heads of a kv head under GQA)."""
-    hq, group, total, scale = _setup(q, k, v, total_heads, head_offset, softmax_scale)
+    dK = tau dS^T Q (summed over the query heads of a kv head under GQA).
+
+    ``*call, **heads`` as for :func:`dilated_attention_reference`."""
+    args = check_dilated_args(q, k, v, *call, **heads)
+    scale = args.softmax_scale
     q, k, v, dout = q.double(), k.double(), v.double(), dout.double()
-    n = q.shape[1]
     out = torch.zeros_like(q)
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    for h in range(hq):
-        kv = h // group
-        c = dilated_multiplicity(
-            n, segment_lengths, dilation_rates, global_head=head_offset + h,
-            total_heads=total, causal=causal, device=q.device,
-        )
+    for h in range(q.shape[2]):
+        kv = h // args.kv_group
         qh, kh, vh, doh = q[:, :, h], k[:, :, kv], v[:, :, kv], dout[:, :, h]
-        probs, o, _ = _head_terms(qh, kh, vh, c.double().log(), scale)
+        probs, o, _ = _head_terms(qh, kh, vh, _log_multiplicity(q, h, args), scale)
         out[:, :, h] = o
         dv[:, :, kv] += torch.einsum("bij,bid->bjd", probs, doh)
         ds = probs * (torch.einsum("bid,bjd->bij", doh, vh) - (doh * o).sum(-1, keepdim=True))

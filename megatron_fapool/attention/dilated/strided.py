@@ -24,25 +24,28 @@ A segment run is either all full segments (``w~`` rows each) or the one partial 
 segment, so every block of a stack has the same length. GQA works when every offset
 class covers whole kv groups (``h0`` and ``hc`` multiples of the group size); otherwise
 :func:`plan_stacks` returns ``None`` and the caller uses the index-gather plan
-(:mod:`.dilated_plan`).
+(:mod:`.plan`).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from megatron_fapool.attention.dilated.plan import ceil_div, effective_segment, offset_classes
+from .plan import block_len, effective_segment, offset_classes, segment_runs
 
 __all__ = [
     "DEFAULT_MAX_VIEW_ELEMENTS",
     "Stack",
+    "from_blocks",
+    "lse_from_blocks",
+    "lse_to_blocks",
     "plan_stacks",
     "stack_chunks",
     "stack_view",
+    "to_blocks",
 ]
 
 #: Largest q/k/v tensor (elements) of one kernel call made straight on a view (rate 1,
@@ -83,13 +86,9 @@ class Stack:
     def covers_all(self) -> bool:
         return self.rate == 1
 
-    def part(self, c0: int, c1: int) -> "Stack":
+    def part(self, c0: int, c1: int) -> Stack:
         """Segments ``c0 .. c1-1`` of this stack (relative)."""
         return Stack(self.seg, self.rate, self.g0 + c0, c1 - c0, self.m, self.s0, self.classes, self.h0, self.hc)
-
-
-def _block_len(seg_len: int, s: int, r: int) -> int:
-    return ceil_div(seg_len - s, r) if seg_len > s else 0
 
 
 @functools.lru_cache(maxsize=512)
@@ -101,7 +100,7 @@ def plan_stacks(
     first_head: int,
     num_heads: int,
     kv_group: int = 1,
-) -> Optional[tuple[Stack, ...]]:
+) -> tuple[Stack, ...] | None:
     """The stacks of one branch over local heads ``first_head ..`` (global index) of
     ``total_heads``; ``None`` when GQA groups straddle offset classes (use the index plan)."""
     if seq_len <= 0 or num_heads <= 0:
@@ -110,13 +109,11 @@ def plan_stacks(
     classes = offset_classes(rate, total_heads, first_head, num_heads)
     if kv_group > 1 and any(h0 % kv_group or (h1 - h0) % kv_group for _, h0, h1 in classes):
         return None
-    full, tail = divmod(seq_len, seg)
-    pieces = ([(0, full, seg)] if full else []) + ([(full, 1, tail)] if tail else [])
     stacks: list[Stack] = []
-    for g0, count, length in pieces:
-        run: Optional[Stack] = None
+    for g0, count, length in segment_runs(seq_len, seg):
+        run: Stack | None = None
         for s, h0, h1 in classes:
-            m = _block_len(length, s, rate)
+            m = block_len(length, s, rate)
             if m == 0:
                 continue
             hc = h1 - h0
@@ -131,7 +128,9 @@ def plan_stacks(
     return tuple(stacks)
 
 
-def stack_chunks(stack: Stack, head_dim: int, max_rows_x_heads: Optional[int], max_view_elements: Optional[int]) -> list[Stack]:
+def stack_chunks(
+    stack: Stack, head_dim: int, max_rows_x_heads: int | None, max_view_elements: int | None
+) -> list[Stack]:
     """Split along segments: a copied stack's call sees at most ``max_rows_x_heads`` rows x
     heads (temporaries), a view stack's at most ``max_view_elements`` q elements."""
     per_segment = stack.m * stack.heads

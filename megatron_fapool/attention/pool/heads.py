@@ -29,19 +29,19 @@ Members' shares come from :func:`head_split`, a pure function both sides evaluat
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from ...config.schema import ATTENTION_BACKENDS
+from ...parallel.service import Header, ServiceMember, int64_tensor, named_failure, nbytes
 from ..dilated import dilated_attention
-from .client import _CallToken, _named_failure, _nbytes
-from .protocol import DTYPES, Header, Op, int64_tensor
 
-__all__ = ["HeadSplit", "PooledHeadsAttention", "head_split", "serve_heads_backward", "serve_heads_forward"]
+__all__ = ["HANDLERS", "HEADS_BACKWARD", "HEADS_FORWARD", "HeadSplit", "PooledHeadsAttention", "head_split"]
+
+HEADS_FORWARD = 4
+HEADS_BACKWARD = 5
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,11 +91,6 @@ class HeadSplit:
 
     def out_payload(self, member: int, batch: int, n: int, head_dim: int) -> int:
         return batch * n * head_dim * self.q_count(member)
-
-
-def max_members(heads: int) -> int:
-    """The most members a heads split can use (one query head each)."""
-    return heads
 
 
 def head_split(heads: int, kv_heads: int, members: int) -> HeadSplit:
@@ -205,7 +200,7 @@ class _BaseState:
 
 
 def heads_forward(client, q, k, v, *, active, br: _Branches, head_offset, total_heads, save):
-    return _named_failure(
+    return named_failure(
         f"attention pool (heads) forward of base rank {client.rank}", client.pool_ranks[:active],
         _heads_forward, client, q, k, v, active=active, br=br, head_offset=head_offset,
         total_heads=total_heads, save=save,
@@ -217,17 +212,16 @@ def _heads_forward(client, q, k, v, *, active, br: _Branches, head_offset, total
     hk = k.shape[2]
     members = active + 1
     split = head_split(h, hk, members)
-    group = client.groups.attention_group(client.rank, active)
+    group = client.group(active)
     call_id = client.open_call(save)
     params = _params_tensor(head_offset, total_heads, br.segment_lengths, br.dilation_rates, q.device)
     client.send_header(
-        q.device, op=Op.HEADS_FORWARD, call_id=call_id, n=n, batch=b, heads=h,
-        kv_heads=hk, head_dim=d, dtype=DTYPES.index(q.dtype), causal=int(br.causal), members=members,
-        save=int(save), scale_bits=Header.scale_to_bits(br.softmax_scale),
-        backend=ATTENTION_BACKENDS.index(br.backend), extra=params.numel(),
+        q.device, op=HEADS_FORWARD, call_id=call_id, n=n, batch=b, heads=h, kv_heads=hk, head_dim=d,
+        causal=int(br.causal), members=members, save=int(save), extra=params.numel(),
+        **Header.encode(dtype=q.dtype, softmax_scale=br.softmax_scale, backend=br.backend),
     )
     dist.broadcast(params, src=client.rank, group=group)
-    client.stats.bytes_sent += _nbytes(params) * active
+    client.stats.bytes_sent += nbytes(params) * active
 
     # 1. each member's q | k | v (the base's own slot stays unused)
     length = max(split.payload(m, b, n, d) for m in range(members))
@@ -236,7 +230,7 @@ def _heads_forward(client, q, k, v, *, active, br: _Branches, head_offset, total
         _pack(_member_inputs(q, k, v, split, m), length, buf[m])
     mine = torch.empty((length,), dtype=q.dtype, device=q.device)
     work = dist.scatter(mine, list(buf.unbind(0)), src=client.rank, group=group, async_op=True)
-    client.stats.bytes_sent += _nbytes(buf) - _nbytes(buf[0])
+    client.stats.bytes_sent += nbytes(buf) - nbytes(buf[0])
     # 2. own heads, overlapped with the transfer
     a, _ = split.q_range(0)
     own_out, leaves = _run_dilated(*_member_inputs(q, k, v, split, 0), br, head_offset + a, total_heads, save)
@@ -247,7 +241,7 @@ def _heads_forward(client, q, k, v, *, active, br: _Branches, head_offset, total
     olen = max(split.out_payload(m, b, n, d) for m in range(members))
     obuf = torch.empty((members, olen), dtype=q.dtype, device=q.device)
     dist.gather(torch.empty((olen,), dtype=q.dtype, device=q.device), list(obuf.unbind(0)), dst=client.rank, group=group)
-    client.stats.bytes_received += _nbytes(obuf) - _nbytes(obuf[0])
+    client.stats.bytes_received += nbytes(obuf) - nbytes(obuf[0])
     out = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     for m in range(members):
         lo, hi = split.q_range(m)
@@ -259,7 +253,7 @@ def _heads_forward(client, q, k, v, *, active, br: _Branches, head_offset, total
 
 
 def heads_backward(client, dout, state: _BaseState):
-    return _named_failure(
+    return named_failure(
         f"attention pool (heads) backward of base rank {client.rank}", client.pool_ranks[: state.split.members - 1],
         _heads_backward, client, dout, state,
     )
@@ -269,8 +263,8 @@ def _heads_backward(client, dout, state: _BaseState):
     split = state.split
     members = split.members
     b, n, d = state.shape
-    group = client.groups.attention_group(client.rank, members - 1)
-    client.send_header(dout.device, op=Op.HEADS_BACKWARD, call_id=state.call_id, members=members)
+    group = client.group(members - 1)
+    client.send_header(dout.device, op=HEADS_BACKWARD, call_id=state.call_id, members=members)
     client.close_call(state.call_id)
     # 1. dO of each member's heads
     olen = max(split.out_payload(m, b, n, d) for m in range(members))
@@ -280,7 +274,7 @@ def _heads_backward(client, dout, state: _BaseState):
         _pack([dout[:, :, lo:hi]], olen, dbuf[m])
     mine = torch.empty((olen,), dtype=dout.dtype, device=dout.device)
     work = dist.scatter(mine, list(dbuf.unbind(0)), src=client.rank, group=group, async_op=True)
-    client.stats.bytes_sent += _nbytes(dbuf) - _nbytes(dbuf[0])
+    client.stats.bytes_sent += nbytes(dbuf) - nbytes(dbuf[0])
     # 2. own heads
     lo, hi = split.q_range(0)
     own = _grads(state.out, state.leaves, dout[:, :, lo:hi])
@@ -292,7 +286,7 @@ def _heads_backward(client, dout, state: _BaseState):
     gbuf = torch.empty((members, length), dtype=dout.dtype, device=dout.device)
     dist.gather(torch.empty((length,), dtype=dout.dtype, device=dout.device), list(gbuf.unbind(0)),
                 dst=client.rank, group=group)
-    client.stats.bytes_received += _nbytes(gbuf) - _nbytes(gbuf[0])
+    client.stats.bytes_received += nbytes(gbuf) - nbytes(gbuf[0])
     qdt, kdt, vdt = state.dtypes
     dq = torch.empty((b, n, split.heads, d), dtype=qdt, device=dout.device)
     acc = torch.float32 if kdt in (torch.bfloat16, torch.float16) else kdt
@@ -323,8 +317,7 @@ class PooledHeadsAttention(torch.autograd.Function):
             client, q, k, v, active=active, br=br, head_offset=head_offset, total_heads=total_heads, save=save
         )
         ctx.client, ctx.state = client, state
-        ctx.token = _CallToken()
-        weakref.finalize(ctx.token, client.close_call, state.call_id)
+        client.close_when_dropped(ctx, state.call_id)
         return out
 
     @staticmethod
@@ -347,54 +340,52 @@ class _MemberState:
     header: Header
 
 
-def serve_heads_forward(server, h: Header) -> None:
-    """A pool member's side of ``HEADS_FORWARD`` (``server``: a :class:`PoolServer`)."""
-    group = server._group(h.members)
+def serve_heads_forward(server: ServiceMember, h: Header) -> None:
+    """A pool member's side of ``HEADS_FORWARD``."""
+    group = server.group_of(h.members)
     params = torch.empty((h.extra,), dtype=torch.int64, device=server.device)
-    dist.broadcast(params, src=server.base, group=group)
-    server.stats.bytes_received += _nbytes(params)
+    dist.broadcast(params, src=server.leader, group=group)
+    server.stats.bytes_received += nbytes(params)
     head_offset, total_heads, segs, rates = _parse_params(params)
     split = head_split(h.heads, h.kv_heads, h.members)
     m, b, n, d = server.member, h.batch, h.n, h.head_dim
     dt = h.torch_dtype
     length = max(split.payload(i, b, n, d) for i in range(h.members))
     buf = torch.empty((length,), dtype=dt, device=server.device)
-    dist.scatter(buf, None, src=server.base, group=group)
-    server.stats.bytes_received += _nbytes(buf)
+    dist.scatter(buf, None, src=server.leader, group=group)
+    server.stats.bytes_received += nbytes(buf)
     q, k, v = _unpack(buf, _member_shapes(split, m, b, n, d))
     br = _Branches(segs, rates, bool(h.causal), h.softmax_scale, h.backend_name)
     a, _ = split.q_range(m)
     out, leaves = _run_dilated(q, k, v, br, head_offset + a, total_heads, bool(h.save))
     olen = max(split.out_payload(i, b, n, d) for i in range(h.members))
     obuf = _pack([out.detach()], olen, torch.empty((olen,), dtype=dt, device=server.device))
-    dist.gather(obuf, None, dst=server.base, group=group)
-    server.stats.bytes_sent += _nbytes(obuf)
+    dist.gather(obuf, None, dst=server.leader, group=group)
+    server.stats.bytes_sent += nbytes(obuf)
     server.stats.served_forward += 1
     server.stats.query_rows += n
     if h.save:
         server.saved[h.call_id] = _MemberState(split, out, leaves, h)
 
 
-def serve_heads_backward(server, h: Header) -> None:
-    s = server.saved.pop(h.call_id, None)
-    if not isinstance(s, _MemberState):
-        raise RuntimeError(
-            f"pool rank {server.groups.rank}: heads backward for call {h.call_id} from base rank {server.base}"
-            " without its forward state"
-        )
+def serve_heads_backward(server: ServiceMember, h: Header) -> None:
+    s = server.take_saved(h.call_id, _MemberState, "heads backward")
     fh, split = s.header, s.split
-    group = server._group(h.members)
+    group = server.group_of(h.members)
     m, b, n, d = server.member, fh.batch, fh.n, fh.head_dim
     dt = fh.torch_dtype
     olen = max(split.out_payload(i, b, n, d) for i in range(split.members))
     dbuf = torch.empty((olen,), dtype=dt, device=server.device)
-    dist.scatter(dbuf, None, src=server.base, group=group)
-    server.stats.bytes_received += _nbytes(dbuf)
+    dist.scatter(dbuf, None, src=server.leader, group=group)
+    server.stats.bytes_received += nbytes(dbuf)
     dout = dbuf[: split.out_payload(m, b, n, d)].view(b, n, split.q_count(m), d)
     grads = _grads(s.out, s.leaves, dout)
     del s
     length = max(split.payload(i, b, n, d) for i in range(split.members))
     gbuf = _pack(grads, length, torch.empty((length,), dtype=dt, device=server.device))
-    dist.gather(gbuf, None, dst=server.base, group=group)
-    server.stats.bytes_sent += _nbytes(gbuf)
+    dist.gather(gbuf, None, dst=server.leader, group=group)
+    server.stats.bytes_sent += nbytes(gbuf)
     server.stats.served_backward += 1
+
+
+HANDLERS = {HEADS_FORWARD: serve_heads_forward, HEADS_BACKWARD: serve_heads_backward}

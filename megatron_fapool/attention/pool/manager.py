@@ -12,12 +12,12 @@ Every activation (0 -> p), release (p -> 0) and resize is counted in :class:`Poo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from ...config.calibration import load_calibration
 from .stats import PoolStats
 
-__all__ = ["CostModel", "PoolResourceManager", "load_calibration"]
+__all__ = ["CostModel", "PoolResourceManager"]
 
 
 @dataclass(frozen=True)
@@ -65,23 +65,6 @@ class CostModel:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.time(mid, 1) >= self.time(mid, 0) else (lo, mid)
         return hi
-
-
-def load_calibration(path: str) -> dict:
-    """A calibration file written by ``tools/calibrate_pool.py``."""
-    from ...config import ConfigError
-
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError("fapool.attention_pool.calibration_file", f"file not found: {path} (run tools/calibrate_pool.py)") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError("fapool.attention_pool.calibration_file", f"{path} is not valid JSON: {e}") from None
-    for key in ("threshold", "cost_model"):
-        if key not in data:
-            raise ConfigError("fapool.attention_pool.calibration_file", f"{path} has no '{key}': rerun tools/calibrate_pool.py")
-    return data
 
 
 class PoolResourceManager:

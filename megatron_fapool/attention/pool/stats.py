@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ...parallel.service import TransferStats
+
 __all__ = ["PoolStats"]
 
 
 @dataclass
-class PoolStats:
+class PoolStats(TransferStats):
+    """Pool counters; ``bytes_sent`` / ``bytes_received`` come from :class:`TransferStats`."""
+
     # resource manager (base rank)
     activations: int = 0  # 0 -> p > 0
     releases: int = 0  # p > 0 -> 0
@@ -17,12 +21,10 @@ class PoolStats:
     local_calls: int = 0
     pooled_forward: int = 0
     pooled_backward: int = 0
-    # work and traffic (both sides)
+    # work (both sides)
     served_forward: int = 0  # pool rank: forward calls it computed
     served_backward: int = 0
     query_rows: int = 0  # query rows this rank computed for pooled calls
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from megatron_fapool.attention.dilated.plan import (
-    PackedKeyLayout,
-    branch_is_shard_local,
+    DEVICE_PLAN_CACHE_SIZE,
+    _plan_branch_on_device,
+    block_len,
     ceil_div,
     dilated_attention_flops,
     offset_classes,
-    packed_rows_per_rank,
-    packing_indices,
     plan_branch,
+    segment_runs,
 )
 from megatron_fapool.attention.dilated.reference import dilated_multiplicity
 
@@ -67,42 +67,22 @@ def test_head_subset_plan_uses_global_offsets():
     assert sorted(attended_triples(groups)) == sorted(definition_triples(30, 12, 4, 6, 2, 3, True))
 
 
-@pytest.mark.parametrize("n,w,r,heads,causal", CASES)
-@pytest.mark.parametrize("world", [2, 3])
-def test_sequence_parallel_plan_with_packed_keys_covers_each_shard(n, w, r, heads, causal, world):
-    shard = ceil_div(n, world)
-    classes = offset_classes(r, heads, 0, heads)
-    rows = packed_rows_per_rank(n, w, r, classes, shard, world)
-    layout = PackedKeyLayout(shard, world, rows)
-    # Where every packed row of every rank comes from: (rank, row, head) -> position.
-    source = {}
-    for p in range(world):
-        pos, head, row = packing_indices(n, w, r, heads, 0, heads, shard, p)
-        assert row.numel() == 0 or int(row.max()) < rows
-        for a, h, b in zip(pos.tolist(), head.tolist(), row.tolist()):
-            source[(p * rows + b, h)] = p * shard + a
-    for p in range(world):
-        start, stop = min(p * shard, n), min((p + 1) * shard, n)
-        groups = plan_branch(
-            n, w, r, total_heads=heads, causal=causal, query_start=start, query_stop=stop, key_layout=layout
-        )
-        got = [
-            (i + start, j, h)
-            for i, j, h in attended_triples(
-                groups, key_position=lambda krows, kheads: torch.tensor(
-                    [[source[(int(x), int(hh))] for hh in kheads] for x in krows]
-                ),
-            )
-        ]
-        assert sorted(got) == sorted(definition_triples(n, w, r, heads, 0, heads, causal, rows=(start, stop)))
+def test_gqa_plan_reads_the_key_head_of_each_query_head():
+    # 6 query heads over 2 kv heads, r=4: offset classes {0,1},{2,3},{4,5} cut kv groups.
+    groups = plan_branch(30, 12, 4, total_heads=6, kv_group=3, causal=True)
+    assert sorted(attended_triples(groups)) == sorted(definition_triples(30, 12, 4, 6, 0, 6, True))
+    for g in groups:
+        assert g.k_heads_total == 2 and torch.equal(g.k_heads, g.q_heads // 3)
+        assert torch.equal(g.k_rows, g.q_rows) and g.k_slice is None
 
 
-def test_shard_local_branches():
-    assert branch_is_shard_local(96, 12, 48, 2)  # segments tile each shard
-    assert not branch_is_shard_local(96, 100, 48, 2)  # w~ = 96 spans both shards
-    assert not branch_is_shard_local(97, 16, 25, 4)  # 25 is not a multiple of 16
-    assert branch_is_shard_local(97, 5, 25, 4)  # 25, 50, 75 are multiples of 5
-    assert branch_is_shard_local(40, 8, 48, 2)  # everything lives on rank 0
+def test_segment_runs_and_block_lengths():
+    assert segment_runs(29, 8) == [(0, 3, 8), (3, 1, 5)]
+    assert segment_runs(32, 8) == [(0, 4, 8)]
+    assert segment_runs(5, 8) == [(0, 1, 5)]  # caller passes w~ = min(w, n); here a bare tail
+    assert segment_runs(0, 1) == []
+    assert [block_len(5, s, 4) for s in range(4)] == [2, 1, 1, 1]  # ceil((5 - s) / r)
+    assert block_len(3, 5, 8) == 0  # a partial segment shorter than the offset: no block
 
 
 def test_paper_shapes_run_one_dense_call_per_branch():
@@ -126,3 +106,12 @@ def test_flops_count_the_attended_pairs_with_multiplicity(causal):
     n = 1 << 20
     f = dilated_attention_flops(n, [2048 * r for r in (1, 2, 4, 8, 16)], [1, 2, 4, 8, 16], num_heads=32, head_dim=128)
     assert f == 4 * 128 * 32 * sum((n // (2048 * r)) * 2048 * 2049 // 2 for r in (1, 2, 4, 8, 16))
+
+
+def test_device_plans_are_a_bounded_cache_of_the_cpu_plans():
+    # Index tensors on an accelerator hold its memory: at most DEVICE_PLAN_CACHE_SIZE plans stay.
+    for n in range(1, 2 * DEVICE_PLAN_CACHE_SIZE + 1):
+        groups = plan_branch(8 * n, 8, 2, total_heads=2, device=torch.device("meta"))
+        assert groups and all(g.q_index.device.type == "meta" for g in groups)
+    info = _plan_branch_on_device.cache_info()
+    assert info.maxsize == DEVICE_PLAN_CACHE_SIZE and info.currsize <= DEVICE_PLAN_CACHE_SIZE

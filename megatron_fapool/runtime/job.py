@@ -1,0 +1,83 @@
+"""One job of base and pool ranks, from an initialised default group to its teardown.
+
+An entry point parses its flags and runs every check that needs no process group
+(its *preflight*: config, :func:`layout_of`, files), then hands the result to
+:func:`run`::
+
+    cfg = load_run_config(path)
+    layout = job.layout_of(cfg)        # a bad layout fails here, before any group exists
+    job.run(cfg, layout, lambda groups, device: ..., timeout_s=600.0)
+
+:func:`run` is the whole start-up and teardown of launch/train.py and launch/infer.py:
+default group, liveness monitor, the role/pid line, the resolved config and layout,
+every process group; then base ranks run the entry point's function, pool ranks serve
+their base rank until it shuts them down, and all ranks meet at a barrier before the
+group is destroyed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..attention.pool import PoolServer
+from ..config import RunConfig
+from ..parallel import Layout, ParallelGroups, initialize_parallel_groups, layout_from_config
+from ..parallel.liveness import LivenessMonitor
+from . import init_distributed, log0, world_from_env
+
+__all__ = ["BaseWork", "layout_of", "run", "serve_pool"]
+
+#: What a base rank does between start-up and teardown: ``work(groups, device)``.
+BaseWork = Callable[[ParallelGroups, torch.device], None]
+
+
+def layout_of(cfg: RunConfig) -> Layout:
+    """The rank layout of ``cfg`` for the world the launcher set up (its environment); no group needed."""
+    _, world, _ = world_from_env()
+    return layout_from_config(cfg, world)
+
+
+def serve_pool(groups: ParallelGroups, device: torch.device) -> None:
+    """A pool rank's part of the job: serve its base rank until released, then print what it did."""
+    stats = PoolServer(groups, device=device).serve()
+    print(
+        f"[rank {dist.get_rank()}] pool rank for base rank {groups.role.serves}: served"
+        f" {stats.served_forward} forward / {stats.served_backward} backward calls,"
+        f" {stats.query_rows} query rows, {stats.bytes_received / 1e6:.1f} MB in, {stats.bytes_sent / 1e6:.1f} MB out",
+        flush=True,
+    )
+
+
+def run(cfg: RunConfig, layout: Layout, base_work: BaseWork, *, timeout_s: float = 600.0) -> int:
+    """Run one job on this rank: start-up, ``base_work`` (base ranks) or serving (pool ranks), teardown.
+
+    ``timeout_s`` bounds every collective (a pool rank waits this long for its base rank).
+    Returns 0. An exception leaves without the teardown on purpose: the liveness monitor
+    must not mark this rank as finished, so the other ranks report it as lost and exit.
+    """
+    device = init_distributed(timeout_s=timeout_s)
+    rank = dist.get_rank()
+    monitor = LivenessMonitor(
+        rank=rank, world_size=layout.world_size, describe_rank=lambda r: f"rank {r} ({layout.role_of(r).role})",
+    ).start()
+    print(f"fapool: rank {rank} pid {os.getpid()} role {layout.role_of(rank).role} device {device}", flush=True)
+    log0("== resolved config ==\n" + cfg.describe())
+    log0("== layout ==\n" + layout.describe())
+    t0 = time.perf_counter()
+    groups = initialize_parallel_groups(layout, timeout_s=timeout_s)
+    log0(f"== groups created in {time.perf_counter() - t0:.2f}s ==")
+
+    if groups.is_base:
+        base_work(groups, device)
+    elif groups.is_pool:
+        serve_pool(groups, device)
+    # expert ranks (MA separation) have no part in these entry points yet
+    dist.barrier()
+    monitor.stop()
+    dist.destroy_process_group()
+    return 0

@@ -1,0 +1,1 @@
+"""Baselines the benchmarks compare against, written outside the package (nothing in it imports them)."""
