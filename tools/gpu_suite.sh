@@ -34,7 +34,7 @@ for s in "$@"; do
       timeout 150 torchrun --nproc_per_node 2 --master_port 29511 tools/calibrate_pool.py --deepspeed_config configs/paper_dense_pool.json --output "$OUT/pool_calibration.json" 2>&1 | tee "$OUT/calibrate.log" | grep -v -i warn | tail -40 || rc=1 ;;
     dilated-bench)
       stage dilated-bench
-      timeout 480 torchrun --nproc_per_node 2 tools/bench_dilated.py --markdown "$OUT/bench_dilated.md" 2>&1 | tee "$OUT/dilated_bench.log" | grep -v -i warn | tail -60 || rc=1 ;;
+      CUDA_VISIBLE_DEVICES=0 timeout 480 $PY tools/bench_dilated.py --markdown "$OUT/bench_dilated.md" 2>&1 | tee "$OUT/dilated_bench.log" | grep -v -i warn | tail -60 || rc=1 ;;
     corpus)
       stage corpus
       $PY tools/preprocess_data.py --output-prefix runs/data/pystdlib --max-files 400 \

@@ -34,7 +34,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 from .dilated import dilated_attention
-from .kernels import local_attention
+from .kernels import BackendSelector, local_attention
 from .pool import AttentionPool, PooledAttention, PooledHeadsAttention
 
 __all__ = ["Dense", "Dilated", "FapoolCoreAttention", "Pooled"]
@@ -45,9 +45,11 @@ class Dense:
 
     def __init__(self, backend: str = "auto"):
         self.backend = backend
+        self.selector = BackendSelector()  # what "auto" learned at run time, for every layer of the model
 
     def __call__(self, layer: "FapoolCoreAttention", q, k, v, *, causal: bool) -> torch.Tensor:
-        return local_attention(q, k, v, causal=causal, softmax_scale=layer.softmax_scale, backend=self.backend)
+        return local_attention(q, k, v, causal=causal, softmax_scale=layer.softmax_scale, backend=self.backend,
+                               selector=self.selector)
 
     def pooled(self, layer: "FapoolCoreAttention", q, k, v, *, causal: bool, pool: AttentionPool, active: int):
         return PooledAttention.apply(q, k, v, pool.client, active, causal, layer.softmax_scale)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import Dense, Pooled
-from ..attention.kernels import local_attention
+from ..attention.kernels import BackendSelector, local_attention
 from ..attention.pool import PooledAttention
 from ..attention.pool.decode import KVShardStore, PoolKVCache, decode_partial
 
@@ -49,6 +49,7 @@ class InferenceSession:
     def __init__(self, pool=None, *, backend: str = "auto"):
         self.pool = pool
         self.backend = backend
+        self.selector = BackendSelector()  # "auto" and its run-time fallbacks, for prefills
         self.pooled = PoolKVCache(pool.client, backend=backend) if pool is not None else None
         self.unpooled = KVShardStore()  # whole K/V of the requests that stayed on this rank
         self.members: dict[int, int] = {}  # request -> 1 (local) or base + active pool ranks
@@ -127,7 +128,7 @@ class InferenceSession:
         if self.pool is not None:
             self.pool.stats.local_calls += 1
         self.unpooled.put(request, layer, k[0], v[0])
-        return local_attention(q, k, v, causal=True, softmax_scale=scale, backend=self.backend)
+        return local_attention(q, k, v, causal=True, softmax_scale=scale, backend=self.backend, selector=self.selector)
 
     def _decode(self, requests, layer, q, k, v, scale):
         """q ``[n, hq, d]``, k/v ``[n, hk, d]`` -> ``[n, hq, d]``: pooled rows in one exchange, local rows here."""

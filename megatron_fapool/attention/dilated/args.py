@@ -1,9 +1,10 @@
 """The dilated-attention call, defined once: its arguments, their defaults and their checks.
 
 :func:`check_dilated_args` is the one definition of what a dilated call takes besides the
-tensors and the kernel options; :func:`~megatron_fapool.attention.dilated.dilated_attention`
-passes its arguments through it, and the float64 references take them as they are
-(``*call, **heads``) and hand them to it. Each error names the argument at fault.
+tensors and the kernel options. :func:`~megatron_fapool.attention.dilated.dilated_attention`
+and the float64 references take those arguments as they come (``*call, **heads``) and hand
+them to it, so their names, order and defaults are written here only. Each error names the
+argument at fault.
 """
 
 from __future__ import annotations

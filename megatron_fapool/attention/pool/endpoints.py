@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...parallel.service import ServiceClient, ServiceMember, merge_handlers
+from ..kernels import BackendSelector
 from . import decode, heads, zigzag
 from .manager import PoolResourceManager
 from .stats import PoolStats
@@ -34,6 +35,7 @@ class PoolClient(ServiceClient):
         self.max_members = len(pool_ranks) + 1
         self.kv_chunk = kv_chunk_tokens
         self.backend = backend
+        self.selector = BackendSelector()  # "auto" and its run-time fallbacks, for this rank's calls
 
     def group(self, active: int):
         """The group of this base rank and its first ``active`` pool ranks."""
@@ -57,6 +59,7 @@ class PoolServer(ServiceMember):
             device=device, stats=stats or PoolStats(), handlers=self.HANDLERS,
         )
         self.kv = decode.KVShardStore()  # inference: K/V shards of pooled requests
+        self.selector = BackendSelector()  # "auto" and its run-time fallbacks, for this rank's calls
 
 
 @dataclass

@@ -144,7 +144,7 @@ def _kv_wire(k: torch.Tensor, v: torch.Tensor, e: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # a member's chunks (pure)
 # --------------------------------------------------------------------------------------
-def chunks_forward(qs, spans, k, v, *, causal, softmax_scale, backend):
+def chunks_forward(qs, spans, k, v, *, causal, softmax_scale, backend, selector=None):
     """``qs[i]``: ``[b, hi-lo, h, d]`` queries of chunk ``spans[i]``; ``k``, ``v``: ``[b, >=hi, hk, d]``.
 
     Returns lists of outputs ``[b, hi-lo, h, d]`` and lse ``[b, h, hi-lo]`` (fp32).
@@ -152,13 +152,14 @@ def chunks_forward(qs, spans, k, v, *, causal, softmax_scale, backend):
     outs, lses = [], []
     for q, (lo, hi) in zip(qs, spans):
         kk, vv = (k[:, :hi], v[:, :hi]) if causal else (k, v)
-        out, lse = attention_forward(q, kk, vv, causal=causal, softmax_scale=softmax_scale, backend=backend)
+        out, lse = attention_forward(q, kk, vv, causal=causal, softmax_scale=softmax_scale, backend=backend,
+                                     selector=selector)
         outs.append(out)
         lses.append(lse)
     return outs, lses
 
 
-def chunks_backward(douts, qs, spans, k, v, outs, lses, *, causal, softmax_scale, backend, kv_len):
+def chunks_backward(douts, qs, spans, k, v, outs, lses, *, causal, softmax_scale, backend, kv_len, selector=None):
     """Gradients of the chunks: ``dq`` per chunk and ``dk``, ``dv`` ``[b, kv_len, hk, d]`` summed over chunks."""
     # accumulate in the input dtype: one addition per chunk (two chunks per member), and
     # half the memory traffic of an fp32 buffer in bf16
@@ -168,7 +169,7 @@ def chunks_backward(douts, qs, spans, k, v, outs, lses, *, causal, softmax_scale
     for dout, q, (lo, hi), out, lse in zip(douts, qs, spans, outs, lses):
         kk, vv = (k[:, :hi], v[:, :hi]) if causal else (k[:, :kv_len], v[:, :kv_len])
         dq, dkc, dvc = attention_backward(dout, q, kk, vv, out, lse, causal=causal, softmax_scale=softmax_scale,
-                                          backend=backend)
+                                          backend=backend, selector=selector)
         dqs.append(dq)
         dk[:, : kk.shape[1]] += dkc
         dv[:, : vv.shape[1]] += dvc
@@ -224,7 +225,7 @@ def _forward(client, q, k, v, *, active, causal, softmax_scale, save):
     # 3. own chunks, overlapped with the transfers
     spans = plan.spans_of(0)
     outs, lses = chunks_forward([q[:, lo:hi] for lo, hi in spans], spans, k, v, causal=causal,
-                                softmax_scale=softmax_scale, backend=client.backend)
+                                softmax_scale=softmax_scale, backend=client.backend, selector=client.selector)
     client.stats.query_rows += sum(hi - lo for lo, hi in spans)
     for w in works:
         w.wait()
@@ -258,7 +259,7 @@ def _backward(client, dout, q, k, v, out, lses, *, plan, call_id, softmax_scale)
     rows = [slice(lo, hi) for lo, hi in spans]
     dqs, dk, dv = chunks_backward(
         [dout[:, r] for r in rows], [q[:, r] for r in rows], spans, k, v, [out[:, r] for r in rows], lses,
-        causal=plan.causal, softmax_scale=softmax_scale, backend=client.backend, kv_len=n,
+        causal=plan.causal, softmax_scale=softmax_scale, backend=client.backend, kv_len=n, selector=client.selector,
     )
     work.wait()
     e_max = plan.pool_kv_prefix
@@ -307,7 +308,7 @@ def serve_forward(member: ServiceMember, h: Header) -> None:
         while works and works[0][0] < need:  # K/V pieces this chunk sees have arrived
             works.pop(0)[1].wait()
         o, l = chunks_forward([q], [span], k, v, causal=plan.causal, softmax_scale=h.softmax_scale,
-                              backend=h.backend_name)
+                              backend=h.backend_name, selector=member.selector)
         outs += o
         lses += l
     for _, w in works:
@@ -335,6 +336,7 @@ def serve_backward(member: ServiceMember, h: Header) -> None:
         member_views(dbuf, plan, me), member_views(s.qbuf, plan, me), plan.spans_of(me),
         s.kv[:, 0].transpose(0, 1), s.kv[:, 1].transpose(0, 1), member_views(s.obuf, plan, me), s.lses,
         causal=plan.causal, softmax_scale=fh.softmax_scale, backend=fh.backend_name, kv_len=e_max,
+        selector=member.selector,
     )
     dkv = _kv_wire(dk.to(fh.torch_dtype), dv.to(fh.torch_dtype), e_max)  # the base reduces in the input dtype
     dist.reduce(dkv, dst=member.leader, op=dist.ReduceOp.SUM, group=group)
