@@ -18,13 +18,15 @@ One word per concept:
   of an attention group, the base rank being member 0.
 - *local*: on this rank alone, no other rank involved (the single-device kernels; a
   *local call* is one the pool did not join).
-- *chunk*: one of the ``2P`` zigzag query chunks of a pooled dense call; its ``[lo, hi)``
-  bounds are its *span*.
+- *chunk*: a contiguous part of the query rows that one kernel call computes (the ``2P``
+  zigzag chunks of a pooled dense call; the row chunks of the math kernel and of
+  dilated stacks); its ``[lo, hi)`` bounds are its *span*.
 - *piece*: a run of rows moved or computed as one unit — K/V rows sent in one message,
   one key split of a decode call.
 - *shard*: a member's contiguous range of a request's K/V (inference).
 - *segment*: a dilated branch's run of ``w`` tokens; *block*: a dense sub-problem the
-  dilated code hands to a kernel.
+  dilated code hands to a kernel (the rest of dilated attention's words:
+  :mod:`.attention.dilated`).
 - *step*: one training iteration or one decode forward; *call*: one layer's attention
   in a step.
 """

@@ -12,7 +12,7 @@ A tool imports it as ``from _common import ...``: Python puts a script's own fol
   over a group, the slowest rank's.
 * :data:`DTYPES` - ``--dtype`` names to torch dtypes; :func:`default_tol` the check
   tolerance of a dtype.
-* :func:`rel_err` - :func:`megatron_fapool.testing.compare.rel_err`'s number, on the device, in chunks.
+* :func:`rel_err` - :func:`megatron_fapool.testing.compare.rel_err` (on the device, in chunks).
 * :func:`sync`, :func:`free_memory`, :func:`fmt_bytes`,
   :func:`attention_flops` (:func:`~megatron_fapool.training.flops.dense_attention_forward_flops`
   over a batch) and :data:`FWD_BWD_FLOPS` (backward = 2.5 x forward).
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fapool.runtime import init_distributed, world_from_env
+from megatron_fapool.testing.compare import rel_err
 from megatron_fapool.training.flops import dense_attention_forward_flops
 
 __all__ = [
@@ -193,23 +194,6 @@ def time_fn(fn: Callable[[], object], *, device: torch.device, reps: int, warmup
 # --------------------------------------------------------------------------------------
 # Checks and counts
 # --------------------------------------------------------------------------------------
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor, *, dim: int = 1, chunk: int = 8192) -> float:
-    """The number :func:`megatron_fapool.testing.compare.rel_err` gives (``max|actual - expected|
-    / max|expected|`` over the reference's finite entries; NaN where ``actual`` is NaN there),
-    computed on the tensors' device ``chunk`` slices of ``dim`` at a time: ``compare`` copies
-    whole tensors to the host in float64, too slow for the 128K-token checks of a GPU run."""
-    if actual.shape != expected.shape:
-        raise ValueError(f"shape mismatch {tuple(actual.shape)} vs {tuple(expected.shape)}")
-    worst = scale = torch.zeros((), dtype=torch.float64, device=expected.device)
-    for a, e in zip(actual.detach().split(chunk, dim), expected.detach().split(chunk, dim)):
-        a, e = a.to(e.device, torch.float64), e.double()
-        fin = torch.isfinite(e)
-        if fin.any():
-            worst = torch.maximum(worst, (a[fin] - e[fin]).abs().max())  # NaN propagates
-            scale = torch.maximum(scale, e[fin].abs().max())
-    return float(worst) / (float(scale) or 1.0)
 
 
 def attention_flops(batch: int, heads: int, n: int, head_dim: int, *, causal: bool = True) -> float:

@@ -67,8 +67,8 @@ class AttentionPoolConfig(_Section):
     )
     kv_chunk_tokens: PositiveInt = Field(
         1 << 20,
-        description="largest K/V piece sent in one collective; measured on 2 x H200, one"
-        " piece is fastest (see docs/benchmarks.md), so the default sends one",
+        description="largest K/V piece sent in one collective; one piece measured fastest"
+        " (docs/benchmarks.md, FA Pool attention), so the default sends one",
     )
 
     @model_validator(mode="after")

@@ -20,7 +20,12 @@ import torch.distributed as dist
 from ..models.gpt import transformer_config_for
 from ..models.rope import install_rope
 
-__all__ = ["cpu_reference_shims", "full_from_shard", "load_sharded", "megatron_reference_spec", "reference_gpt_model"]
+from .compare import rel_err
+
+__all__ = [
+    "cpu_reference_shims", "errors_against", "full_from_shard", "load_sharded", "megatron_reference_spec",
+    "reference_gpt_model",
+]
 
 
 class _CPUMemoryBuffer:
@@ -106,3 +111,23 @@ def full_from_shard(param: torch.nn.Parameter, tensor: torch.Tensor, tp_group) -
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous(), group=tp_group)
     return torch.cat(parts, dim=dim)
+
+
+def errors_against(model, logits: torch.Tensor, loss: torch.Tensor, ref: dict, tp_group) -> dict:
+    """This TP rank's logits (gathered over TP), loss and every gradient against a single-process
+    reference ``{"logits", "loss", "grads": {name: full gradient}}``: relative errors
+    (:func:`~megatron_fapool.testing.compare.rel_err`), the worst gradient and its name."""
+    size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    parts = [torch.empty_like(logits) for _ in range(size)]
+    dist.all_gather(parts, logits.contiguous(), group=tp_group)
+    err = {
+        "logits": rel_err(torch.cat(parts, dim=-1), ref["logits"]),
+        "loss": abs(loss.item() - ref["loss"].item()) / abs(ref["loss"].item()),
+        "grads": 0.0,
+        "worst_grad": None,
+    }
+    for name, p in model.named_parameters():
+        e = rel_err(full_from_shard(p, p.grad, tp_group), ref["grads"][name])
+        if e > err["grads"]:
+            err["grads"], err["worst_grad"] = e, name
+    return err

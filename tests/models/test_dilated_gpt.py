@@ -22,7 +22,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_fapool.testing.distributed import run_distributed
 
@@ -78,7 +77,7 @@ def _body(rank, world, tp, cases, reference):
     from megatron_fapool.attention.pool import AttentionPool, PoolServer
     from megatron_fapool.models.gpt import build_gpt_model
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
-    from megatron_fapool.testing.megatron_reference import full_from_shard, load_sharded
+    from megatron_fapool.testing.megatron_reference import errors_against, load_sharded
 
     cfg = _config(tp, world - tp)
     groups = initialize_parallel_groups(layout_from_config(cfg, world))
@@ -114,21 +113,7 @@ def _body(rank, world, tp, cases, reference):
         logits, loss = _run_case(model, n, vocab)
         if pool is not None:
             counters.append({k: v - before[k] for k, v in pool.stats.as_dict().items()})
-        parts = [torch.empty_like(logits) for _ in range(tp)]
-        dist.all_gather(parts, logits.contiguous(), group=tp_group)
-        full_logits = torch.cat(parts, dim=-1)
-        err = {
-            "logits": ((full_logits - ref["logits"]).abs().max() / ref["logits"].abs().max()).item(),
-            "loss": abs(loss.item() - ref["loss"].item()) / abs(ref["loss"].item()),
-        }
-        worst, worst_name = 0.0, None
-        for name, p in model.named_parameters():
-            g = full_from_shard(p, p.grad, tp_group)
-            r = ref["grads"][name]
-            e = ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-            if e > worst:
-                worst, worst_name = e, name
-        err["grads"], err["worst_grad"] = worst, worst_name
+        err = errors_against(model, logits, loss, ref, tp_group)
         errors.append(err)
     if pool is not None:
         pool.shutdown(torch.device("cpu"))

@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_fapool.testing.distributed import run_distributed
 
@@ -62,7 +61,7 @@ def _pool_body(rank, world, cases, reference):
     from megatron_fapool.config import load_run_config
     from megatron_fapool.models.gpt import build_gpt_model
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
-    from megatron_fapool.testing.megatron_reference import full_from_shard, load_sharded
+    from megatron_fapool.testing.megatron_reference import errors_against, load_sharded
 
     cfg = load_run_config(CONFIG)
     tp = int(os.environ["FAPOOL_TEST_TP"])
@@ -89,19 +88,7 @@ def _pool_body(rank, world, cases, reference):
         before = dict(pool.stats.as_dict())
         logits, loss = _run_case(model, n, n, vocab)
         after = pool.stats.as_dict()
-        parts = [torch.empty_like(logits) for _ in range(tp)]
-        dist.all_gather(parts, logits.contiguous(), group=tp_group)
-        full_logits = torch.cat(parts, dim=-1)
-        err = {
-            "logits": ((full_logits - ref["logits"]).abs().max() / ref["logits"].abs().max()).item(),
-            "loss": abs(loss.item() - ref["loss"].item()) / abs(ref["loss"].item()),
-        }
-        worst = 0.0
-        for name, p in model.named_parameters():
-            g = full_from_shard(p, p.grad, tp_group)
-            r = ref["grads"][name]
-            worst = max(worst, ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item())
-        err["grads"] = worst
+        err = errors_against(model, logits, loss, ref, tp_group)
         errors.append(err)
         counters.append({k: after[k] - before[k] for k in after})
     pool.shutdown(torch.device("cpu"))

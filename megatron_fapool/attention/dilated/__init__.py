@@ -31,9 +31,8 @@ Words for the pieces of a sequence (one each):
   gathered by index (:class:`~.plan.BlockGroup`).
 - *chunk*: the part of a stack or group that one kernel call takes (bounded in memory).
 
-The head-parallel / sequence-parallel path over a process group
-(``dilated_attention_parallel``) was removed in the house refactor (issue 12): no model
-used it; the pooled heads split is the head-parallel path the model takes.
+Head parallelism over ranks is the attention pool's heads split
+(:mod:`megatron_fapool.attention.pool.heads`).
 """
 
 from __future__ import annotations

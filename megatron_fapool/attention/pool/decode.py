@@ -1,6 +1,6 @@
 """Decode with a pool-resident KV cache: a long sequence's K/V lives sharded on its attention group.
 
-For inference (issue 5). After the prefill of a pooled request, each layer's K/V is
+After the prefill of a pooled request, each layer's K/V is
 split along the sequence over the ``members`` of the base rank's attention group (the
 base rank is member 0 and keeps its own shard; member ``j`` keeps the ``j``-th
 contiguous range): no holder has it whole. A decode step of a batch of pooled requests

@@ -1,4 +1,4 @@
-"""The attention pool splitting *heads* (dilated attention, DESIGN.md §4, issue 6).
+"""The attention pool splitting *heads* (dilated attention, DESIGN.md §4).
 
 Dilated attention is cheap per head but every head needs the whole sequence, so the
 zigzag query split of the dense pool (which replicates the K/V prefix) is the wrong
