@@ -143,13 +143,22 @@ def _pipeline_body(rank, world, reference):
     return {"tokens": {g.id: g.tokens for g in out}, "kv": {g.id: g.kv_tokens_on_base for g in out}}
 
 
+def _static_then_pipeline_body(rank, world, reference):
+    """Static TP 2 (one request per decode forward), then PP 2, in one launch of two ranks."""
+    from megatron.core import parallel_state
+
+    static = _served_body(rank, world, reference, False, 1)
+    parallel_state.destroy_model_parallel()
+    return {"static": static, "pipeline": _pipeline_body(rank, world, reference)}
+
+
 def test_greedy_generation_pool_equals_static_equals_megatron():
     reference = run_distributed(_reference_body, 1, True, timeout=240)[0]  # untied: the CPU pipeline needs it
     # pooled: all three requests (two pooled, one local) in each decode forward;
     # static: one request per decode forward
     pooled = run_distributed(_served_body, 4, reference, True, 0, timeout=300)
-    static = run_distributed(_served_body, 2, reference, False, 1, timeout=300)
-    pipeline = run_distributed(_pipeline_body, 2, reference, timeout=300)
+    both = run_distributed(_static_then_pipeline_body, 2, reference, timeout=300)
+    static, pipeline = [r["static"] for r in both], [r["pipeline"] for r in both]
     for stage in pipeline:  # both stages end with the same tokens; each holds its own layer's K/V
         assert stage["tokens"] == reference["tokens"]
         assert stage["kv"][1] == PROMPTS[1] + NEW - 1

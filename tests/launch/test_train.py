@@ -170,14 +170,12 @@ def _kill_when(proc, pattern: str, rank: int, found: dict):
             found["killed_at"] = time.monotonic()
 
 
-def test_sigkill_then_resume_loses_nothing_saved(straight_run, corpus, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    metrics = tmp_path / "killed.jsonl"
-    args = _train_args(straight_run["cfg"], corpus, metrics, "--save", str(ckpt), "--save-interval", "5")
-    proc = subprocess.Popen(_launch("deepspeed", 4, args), env=_env(), stdout=subprocess.PIPE,
+def _run_and_kill(launcher: str, args, pattern: str, rank: int) -> tuple[int, dict]:
+    """Launch 4 ranks, SIGKILL ``rank`` once ``pattern`` is printed; (exit code, what :func:`_kill_when` saw)."""
+    proc = subprocess.Popen(_launch(launcher, 4, args), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     found: dict = {}
-    reader = threading.Thread(target=_kill_when, args=(proc, f"iteration {12:>8d}/", 1, found), daemon=True)
+    reader = threading.Thread(target=_kill_when, args=(proc, pattern, rank, found), daemon=True)
     reader.start()
     try:
         rc = proc.wait(timeout=240)
@@ -186,6 +184,14 @@ def test_sigkill_then_resume_loses_nothing_saved(straight_run, corpus, tmp_path)
             proc.kill()
     reader.join(timeout=10)
     assert "killed_at" in found, "".join(found.get("lines", []))[-3000:]
+    return rc, found
+
+
+def test_sigkill_then_resume_loses_nothing_saved(straight_run, corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    metrics = tmp_path / "killed.jsonl"
+    args = _train_args(straight_run["cfg"], corpus, metrics, "--save", str(ckpt), "--save-interval", "5")
+    rc, found = _run_and_kill("deepspeed", args, f"iteration {12:>8d}/", 1)
     assert rc != 0
     assert time.monotonic() - found["killed_at"] < 60
     assert (ckpt / "latest").read_text() == "iter_0000010"
@@ -216,19 +222,8 @@ def test_sigkill_of_a_pool_rank_ends_every_rank(corpus, tmp_path):
     """SIGKILL pool rank 2 (it serves base rank 0) mid-run: every rank exits non-zero within 60 s, naming rank 2."""
     cfg = _config(tmp_path / "c.json", pool=True)
     args = _train_args(cfg, corpus, tmp_path / "m.jsonl") + ["--train-iters", "400"]
-    proc = subprocess.Popen(_launch("torchrun", 4, args), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    found: dict = {}
-    reader = threading.Thread(target=_kill_when, args=(proc, f"iteration {3:>8d}/", 2, found), daemon=True)
-    reader.start()
-    try:
-        rc = proc.wait(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(timeout=10)
+    rc, found = _run_and_kill("torchrun", args, f"iteration {3:>8d}/", 2)
     out = "".join(found.get("lines", []))
-    assert "killed_at" in found, out[-3000:]
     assert rc != 0
     assert time.monotonic() - found["killed_at"] < 60
     # Named by whoever sees it first: the base rank (its pooled call failed), the liveness

@@ -1,10 +1,35 @@
 """Group creation on gloo: Megatron's groups over the base ranks only, every attention group up front."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from megatron_fapool.parallel import compute_layout, initialize_parallel_groups
 from megatron_fapool.testing.distributed import run_distributed
+
+
+LAYOUTS = {  # (tp, pool_size, attention_expert_ratio) of a world of 4
+    "tp2_pool2": (2, 2, None),
+    "pool3": (1, 3, None),
+    "ma_3_1": (1, 0, (3, 1)),
+}
+
+
+def _layouts_body(rank, world_size):
+    """Every layout in turn in one launch (Megatron's groups destroyed between them)."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for name, (tp, pool_size, ratio) in LAYOUTS.items():
+        out[name] = _groups_body(rank, world_size, tp, pool_size, ratio)
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    res = run_distributed(_layouts_body, 4, timeout=180)
+    return {name: [r[name] for r in res] for name in LAYOUTS}
 
 
 def _groups_body(rank, world_size, tp, pool_size, ratio):
@@ -34,8 +59,8 @@ def _groups_body(rank, world_size, tp, pool_size, ratio):
     return out
 
 
-def test_two_base_tp2_plus_two_pool():
-    res = run_distributed(_groups_body, 4, 2, 2, None, timeout=120)
+def test_two_base_tp2_plus_two_pool(layouts):
+    res = layouts["tp2_pool2"]
     assert [r["role"] for r in res] == ["base", "base", "pool", "pool"]
     assert all(r["world"] == 4 for r in res)  # Megatron saw 2 ranks only while it made its groups
     for r in res[:2]:
@@ -46,14 +71,14 @@ def test_two_base_tp2_plus_two_pool():
     assert res[2]["megatron_initialised"] is False
 
 
-def test_one_base_three_pool_all_candidate_groups():
-    res = run_distributed(_groups_body, 4, 1, 3, None, timeout=120)
+def test_one_base_three_pool_all_candidate_groups(layouts):
+    res = layouts["pool3"]
     assert res[0]["attention"] == [(0, 1), (0, 1, 2), (0, 1, 2, 3)]
     assert res[3]["attention"] == [(0, 1, 2, 3)]
 
 
-def test_ma_separation_dispatch_group():
-    res = run_distributed(_groups_body, 4, 1, 0, (3, 1), timeout=120)
+def test_ma_separation_dispatch_group(layouts):
+    res = layouts["ma_3_1"]
     assert [r["role"] for r in res] == ["base", "base", "base", "expert"]
     assert res[0]["dp"] == 3
     assert all(r["dispatch_size"] == 4.0 for r in res)
