@@ -125,6 +125,12 @@ def _preflight(args):
         raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
     if args.decode_batch < 0:
         raise ConfigError("--decode-batch", f"must be >= 0 (0: all live requests), got {args.decode_batch}")
+    if cfg.fapool.dilated_attention.enabled:
+        raise ConfigError(
+            "fapool.dilated_attention.enabled",
+            "KV-cached inference serves dense attention only (the cache holds every key; dilated decode is not"
+            " built): serve this model with dilated_attention.enabled false only if it was trained dense",
+        )
     if cfg.pipeline_model_parallel_size != 1 and cfg.fapool.attention_pool.enabled:
         raise ConfigError(
             "pipeline_model_parallel_size",

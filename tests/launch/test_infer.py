@@ -87,3 +87,9 @@ def test_serves_a_mixed_batch_with_the_pool(tmp_path):
     assert all(r["new_tokens"] == 5 and r["ttft_s"] > 0 and r["tpot_s"] > 0 for r in rows)
     assert "per length bucket" in proc.stdout and "512-2K: 1 requests" in proc.stdout
     assert "pool rank for base rank 0:" in proc.stdout
+
+
+def test_dilated_model_is_refused_before_any_work(rank0):
+    proc = rank0("infer", ["--deepspeed_config", os.path.join(ROOT, "configs", "tiny_dilated.json"),
+                           "--random-weights", "--prompt", "x"])
+    assert "fapool.dilated_attention.enabled: KV-cached inference serves dense attention only" in _error_line(proc)
