@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
@@ -50,28 +50,28 @@ class CalibrationFile(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     # where and on what it was measured
-    device: Optional[str] = None
-    date: Optional[str] = None
-    torch: Optional[str] = None
-    host: Optional[str] = None
-    model: Optional[dict[str, Any]] = None
+    device: str | None = None
+    date: str | None = None
+    torch: str | None = None
+    host: str | None = None
+    model: dict[str, Any] | None = None
     # the sweep
-    seqlens: Optional[list[int]] = None
-    attention_time: Optional[list[float]] = None
-    ffn_time: Optional[list[float]] = None
-    overhead: Optional[list[float]] = None
-    pooled_time: Optional[list[float]] = None
-    pool_bytes_per_call: Optional[list[int]] = None
-    link_bytes_per_s: Optional[float] = None
+    seqlens: list[int] | None = None
+    attention_time: list[float] | None = None
+    ffn_time: list[float] | None = None
+    overhead: list[float] | None = None
+    pooled_time: list[float] | None = None
+    pool_bytes_per_call: list[int] | None = None
+    link_bytes_per_s: float | None = None
     # what the pool reads back, and the break-even: measured in the sweep, predicted by the cost model
     threshold: NonNegativeInt
-    measured_break_even: Optional[int] = None
-    measured_break_even_interpolated: Optional[float] = None
-    predicted_break_even: Optional[int] = None
-    break_even_difference_percent: Optional[float] = None
-    break_even_difference_percent_interpolated: Optional[float] = None
+    measured_break_even: int | None = None
+    measured_break_even_interpolated: float | None = None
+    predicted_break_even: int | None = None
+    break_even_difference_percent: float | None = None
+    break_even_difference_percent_interpolated: float | None = None
     cost_model: CalibratedCost
-    notes: Optional[list[str]] = None
+    notes: list[str] | None = None
 
 def load_calibration(path: str) -> dict:
     """The calibration file at ``path`` as a dict, validated (``threshold``, ``cost_model`` at least)."""

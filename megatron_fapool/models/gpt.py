@@ -24,10 +24,18 @@ def transformer_config_for(run_config: RunConfig, **overrides):
 
 
 def check_runnable_here(run_config: RunConfig, *, pipeline_model_parallel_size: int | None = None) -> None:
-    """What megatron-core 0.16 can only build with CUDA, refused on a CPU-only machine (call before start-up)."""
+    """What this package cannot build, and what megatron-core 0.16 can only build with CUDA on a
+    CPU-only machine, refused before start-up."""
+    lm = run_config.model.language_model
+    if lm.num_moe_experts:
+        raise ConfigError(
+            "language_model.num_moe_experts",
+            f"{lm.num_moe_experts} experts, but this version builds no MoE layers: the model would silently be"
+            " dense; remove num_moe_experts (and the moe_* keys) from the model YAML",
+            source=run_config.model_yaml_path,
+        )
     if torch.cuda.is_available():
         return
-    lm = run_config.model.language_model
     pp = pipeline_model_parallel_size or run_config.pipeline_model_parallel_size
     if pp > 1 and not lm.untie_embeddings_and_output_weights:
         raise ConfigError(
