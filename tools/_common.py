@@ -26,13 +26,12 @@ import statistics
 import sys
 import time
 import traceback
-from datetime import timedelta
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from megatron_fapool.runtime import init_distributed, world_from_env
+from megatron_fapool.runtime import init_distributed
 from megatron_fapool.testing.compare import rel_err
 from megatron_fapool.training.flops import dense_attention_forward_flops
 
@@ -75,21 +74,12 @@ def default_tol(dtype: torch.dtype) -> float:
 def init_process(device: str = "auto", timeout_s: float = 600.0) -> tuple[torch.device, int, int]:
     """(device, rank, world size) after initialising the default group for ``--device``.
 
-    ``auto`` and ``cuda``: :func:`megatron_fapool.runtime.init_distributed` (NCCL, one GPU
-    per rank, when CUDA is there; else gloo). ``cpu`` on a host with GPUs: gloo on CPU,
-    which ``init_distributed`` does not choose while GPUs are visible.
+    :func:`megatron_fapool.runtime.init_distributed`: NCCL with one GPU per rank when CUDA
+    is there (``auto``, ``cuda``), gloo on CPU otherwise or for ``cpu``.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
-    if device == "cpu" and torch.cuda.is_available():
-        rank, world, _ = world_from_env()
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-        dev = torch.device("cpu")
-    else:
-        dev = init_distributed(timeout_s)
+    dev = init_distributed(timeout_s, cpu=device == "cpu")
     return dev, dist.get_rank(), dist.get_world_size()
 
 

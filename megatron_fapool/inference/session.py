@@ -159,7 +159,7 @@ class KVCached:
     """
 
     def __init__(self, inner, session: InferenceSession):
-        if not isinstance(getattr(inner, "inner", inner), Dense) or not isinstance(inner, (Dense, Pooled)):
+        if not isinstance(inner.inner if isinstance(inner, Pooled) else inner, Dense):
             raise ValueError(f"KV-cached inference serves dense attention only, got {inner!r}")
         self.inner = inner
         self.session = session

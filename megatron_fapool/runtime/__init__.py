@@ -30,12 +30,13 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def init_distributed(timeout_s: float = 600.0) -> torch.device:
-    """Initialise the default group: NCCL with one GPU per rank if CUDA is there, else gloo on CPU."""
+def init_distributed(timeout_s: float = 600.0, *, cpu: bool = False) -> torch.device:
+    """Initialise the default group: NCCL with one GPU per rank if CUDA is there, else (or with
+    ``cpu``) gloo on CPU."""
     rank, world, local = world_from_env()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cpu:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
         backend = "nccl"

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import torch
 
+from collections.abc import Sequence
+
 from .args import DilatedArgs, check_dilated_args
 from .blocks import DEFAULT_MAX_ROWS_X_HEADS
 from .function import run_dilated
@@ -59,25 +61,31 @@ def dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    *call,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    *,
+    head_offset: int = 0,
+    total_heads: int | None = None,
     backend: str = "auto",
     return_lse: bool = False,
     max_rows_x_heads: int | None = DEFAULT_MAX_ROWS_X_HEADS,
     max_view_elements: int | None = None,
-    **heads,
 ):
     """Dilated attention on ``[batch, seq, heads, head_dim]``; returns ``[b, n, H, d]``.
 
-    ``*call, **heads`` are the rest of the call as :func:`check_dilated_args` defines it,
-    once, with its defaults and checks: ``segment_lengths, dilation_rates, causal=True,
-    softmax_scale=None, *, head_offset=0, total_heads=None``. Gradients are exact (flow to
-    q, k, v). The named arguments are kernel options: ``backend`` the kernel
+    Branch ``k`` has segment length ``segment_lengths[k]`` and dilation rate
+    ``dilation_rates[k]``; the local heads are global heads ``head_offset ..`` of
+    ``total_heads`` (checked by :func:`check_dilated_args`). Gradients are exact (flow to
+    q, k, v). The other named arguments are kernel options: ``backend`` the kernel
     (:mod:`megatron_fapool.attention.kernels`); with ``return_lse`` ``(out, lse [b, H, n]
     fp32)`` (lse not differentiable); ``max_rows_x_heads`` bounds the query rows x heads of
     one kernel call on copied blocks (memory); ``max_view_elements`` the q elements of one
     call made straight on the input (rate-1 branches; default
     :data:`~.strided.DEFAULT_MAX_VIEW_ELEMENTS`).
     """
-    args = check_dilated_args(q, k, v, *call, **heads)
+    args = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale,
+                              head_offset=head_offset, total_heads=total_heads)
     out, lse = run_dilated(q, k, v, args, backend, max_rows_x_heads, max_view_elements)
     return (out, lse) if return_lse else out
