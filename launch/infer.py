@@ -14,6 +14,26 @@ decoded in batches (``--decode-batch`` requests per forward, default all), greed
 sampled. Printed per request and per length bucket (512-2K, 2K-8K, 8K-32K, 32K+):
 TTFT, TPOT and TPS (input + output tokens per second). ``--sweep 8192x1 8192x4 ...``
 serves one batch per item (random prompts) with the same model, for benchmarks.
+
+Data-parallel replicas (more base ranks than TP x PP): request ``i`` is served by
+replica ``i % DP``; rank 0 reports them all.
+
+MA separation (``fapool.ma_separation.enabled``, an MoE model): the base ranks are the
+attention ranks, the last ranks of the world serve every MoE layer's experts (forward
+only, nothing saved) until the attention ranks shut them down. All attention replicas
+step in lockstep (:mod:`megatron_fapool.inference.lockstep`); rank 0 adds the MA
+counters (rows sent, tokens per expert rank, rerouted tokens). ``--load`` takes a
+colocated or an MA checkpoint, whatever the ratio (Megatron's expert numbering).
+
+An expert rank lost mid-run fails the job within seconds naming it ("expert rank 3
+(experts 8-15)"), or with ``fapool.ma_separation.on_expert_loss: "degrade"`` its
+experts are masked from routing (top-k over the survivors) and the batch goes on; the
+log and the metrics say how many tokens were rerouted (gloo only: on NCCL a collective
+with a dead peer hangs rather than fails, so "degrade" is refused there). It needs ranks
+whose launcher lets the others live on: torchrun and the deepspeed launcher stop every
+worker of a node when one dies, so start one process per rank yourself (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set), or run the expert ranks under
+launchers of their own nodes.
 """
 
 from __future__ import annotations
@@ -28,14 +48,24 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_fapool.attention.pool import AttentionPool
 from megatron_fapool.config import ConfigError, load_run_config
 from megatron_fapool.data import ByteTokenizer
+from megatron_fapool.inference import weights
 from megatron_fapool.inference.generate import Request, RequestError, generate, validate_requests
+from megatron_fapool.inference.lockstep import Lockstep
 from megatron_fapool.inference.session import InferenceSession, KVCached
-from megatron_fapool.models.gpt import build_gpt_model, check_runnable_here
+from megatron_fapool.models.gpt import build_gpt_model, check_runnable_here, expert_transformer_config, moe_layers
 from megatron_fapool.models.specs import layer_spec_for
+from megatron_fapool.moe.fault import LossAgreement, serve_degradable
+from megatron_fapool.moe.remote import ExpertClient, RemoteExperts
+from megatron_fapool.moe.serve import ExpertServer, ExpertStack
+from megatron_fapool.moe.wire import DispatchGeometry
+from megatron_fapool.parallel import liveness
+from megatron_fapool.parallel.groups import create_survivor_groups
+from megatron_fapool.parallel.service import PeerLost
 from megatron_fapool.runtime import exit_on_user_error, job, log0
 from megatron_fapool.training import checkpoint as ckpt
 
@@ -65,6 +95,8 @@ def parse_args(argv=None):
                         " model (e.g. 8192x1 8192x4 131072x1); instead of prompts")
     p.add_argument("--warmup", action="store_true", help="serve each batch once untimed first (kernels, allocator)")
     p.add_argument("--metrics-json", default=None, help="write per-request metrics here (rank 0)")
+    p.add_argument("--log-interval", type=int, default=0, metavar="STEPS",
+                   help="rank 0 prints a line every STEPS decode steps of its replica (default 0: none)")
     p.add_argument("--profile-out", default=None, metavar="FILE",
                    help="write a cProfile of the timed passes on rank 0 here (read it with pstats)")
     p.add_argument("--distributed-timeout-minutes", type=int, default=10)
@@ -146,28 +178,31 @@ def _preflight(args):
         except RequestError as e:
             raise ConfigError("--sweep" if args.sweep else "--prompt", f"{name}: {e}" if args.sweep else str(e)) from None
         batches.append((name, requests, texts))
+    if args.log_interval < 0:
+        raise ConfigError("--log-interval", f"must be >= 0 (0: no progress lines), got {args.log_interval}")
     resume = None
     if args.load:
         resume = ckpt.find_checkpoint(args.load)
         if resume is None:
             raise ConfigError("--load", f"no complete checkpoint in {args.load} (no 'latest' file)")
-        ckpt.check_compatible(resume[1], cfg, os.path.join(args.load, resume[0]))
+        weights.check_checkpoint(resume[1], cfg, os.path.join(args.load, resume[0]))
     check_runnable_here(cfg)
     layout = job.layout_of(cfg)
-    if layout.dp != 1:
+    if layout.num_expert and (layout.tp > 1 or layout.pp > 1):
         raise ConfigError(
-            "world size",
-            f"{layout.world_size} ranks make {layout.dp} data-parallel replicas of the model; launch/infer.py serves one:"
-            f" launch TP x PP = {layout.tp * layout.pp} base ranks plus the pool ranks"
-            f" ({layout.tp * layout.pp + layout.pool_size} in all)",
+            "fapool.ma_separation.enabled",
+            f"serving with MA separation at TP {layout.tp} x PP {layout.pp} is not built yet (TP ranks would send the"
+            " experts the same rows; stages would need per-stage expert weights): serve it at TP 1 and PP 1, or"
+            " colocated (enabled false)",
+        )
+    if layout.num_expert and cfg.fapool.ma_separation.on_expert_loss == "degrade" and torch.cuda.is_available():
+        raise ConfigError(
+            "fapool.ma_separation.on_expert_loss",
+            "'degrade' is served over gloo (CPU) only: on NCCL a collective with a dead peer waits (up to the"
+            " process-group timeout) instead of failing, so the loss is not noticed in time to go on without it;"
+            " use 'fail' (the liveness monitor then names the lost rank within its timeout)",
         )
     return cfg, layout, batches, tok, resume
-
-
-def _load_weights(model, load_dir: str, tag: str, device) -> None:
-    path = os.path.join(load_dir, tag, f"mp_rank_{parallel_state.get_tensor_model_parallel_rank():02d}_model_states.pt")
-    state = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(state["module"], strict=True)
 
 
 def _bucket(n: int) -> str:
@@ -197,62 +232,217 @@ def _report(gens, texts, tok, wall_s: float) -> str:
     return "\n".join(lines)
 
 
+class _MA:
+    """What both roles of an MA-separation job share: the loss policy, its agreement, the survivor groups."""
+
+    def __init__(self, cfg, groups, timeout_s: float):
+        ma = cfg.fapool.ma_separation
+        self.mode = ma.on_expert_loss
+        self.num_experts = cfg.model.language_model.num_moe_experts
+        self.describe = lambda r: job.describe_rank(cfg, groups.layout, r)
+        self.geometry = DispatchGeometry.of_stage(groups.layout, groups.role.pp, self.num_experts)
+        monitor = liveness.active()
+        if self.mode == "degrade":
+            create_survivor_groups(groups, timeout_s=timeout_s)  # collective over the world: every rank, here
+            if monitor is not None:
+                monitor.tolerate(self.geometry.expert_ranks, "degraded inference masks its experts from routing")
+        self.agreement = None
+        if monitor is not None:
+            self.agreement = LossAgreement(
+                rank=groups.rank, members=self.geometry.members, leader=self.geometry.attention_ranks[0],
+                store=dist.distributed_c10d._get_default_store(), silent_s=monitor.silent_s, timeout_s=timeout_s,
+            )
+        self.groups = groups
+        self.lost: list[int] = []
+
+    @property
+    def live_world(self):
+        """The world, or the world without the lost expert rank."""
+        return self.groups.survivor_world[self.lost[0]] if self.lost else dist.group.WORLD
+
+    def gather(self, item) -> list | None:
+        """Every live rank's ``item`` on rank 0 (collective over the live world)."""
+        out = [None] * dist.get_world_size(self.live_world) if dist.get_rank() == 0 else None
+        dist.gather_object(item, out, dst=0, group=self.live_world)
+        return out
+
+    def finish(self) -> None:
+        """After a survived loss the world's teardown barrier cannot complete (a member is gone): the live
+        ranks meet on their own group, mark themselves finished and leave with exit code 0 here."""
+        if not self.lost:
+            return
+        dist.barrier(group=self.live_world)
+        monitor = liveness.active()
+        if monitor is not None:
+            monitor.stop()
+        dist.destroy_process_group()
+        raise SystemExit(0)
+
+
+def _ma_report(items, ma: _MA) -> tuple[str, dict]:
+    attention = sorted((i for i in items if i["role"] == "attention"), key=lambda i: i["rank"])
+    experts = sorted((i for i in items if i["role"] == "expert"), key=lambda i: i["rank"])
+    rerouted = sum(i["rerouted_tokens"] for i in attention)
+    lost = sorted({r for i in attention for r in i["lost"]})
+    lines = ["== MA separation ==",
+             f"attention ranks {[i['rank'] for i in attention]}: {sum(i['rows_sent'] for i in attention)} token rows"
+             f" sent in {sum(i['forward_calls'] for i in attention)} MoE calls"
+             f" ({sum(i['idle_calls'] for i in attention)} of them idle), {max(i['steps'] for i in attention)} steps"]
+    for e in experts:
+        per_layer = [sum(row) for row in e["tokens_forward"]]
+        lines.append(f"{ma.describe(e['rank'])}: {sum(per_layer)} tokens in {e['forward_calls']} calls"
+                     f" (per layer {per_layer})")
+    for r in lost:
+        lines.append(f"lost {ma.describe(r)}: its experts were masked; {rerouted} tokens rerouted (token x MoE layer)")
+    if not lost:
+        lines.append(f"no expert rank lost (on_expert_loss: {ma.mode}); {rerouted} tokens rerouted")
+    return "\n".join(lines), {"on_expert_loss": ma.mode, "lost_ranks": lost, "rerouted_tokens": rerouted,
+                              "attention": attention, "experts": experts}
+
+
 def _serve_base(args, cfg, groups, device, batches, tok, resume):
     lm = cfg.model.language_model
     backend = cfg.fapool.attention_backend.backend
+    timeout_s = 60.0 * args.distributed_timeout_minutes
     pool = None
     if groups.layout.pool_per_base:
         pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool, backend=backend)
+    ma = _MA(cfg, groups, timeout_s) if groups.layout.num_expert else None
+    client = ExpertClient(groups, num_experts=ma.num_experts) if ma else None
     session = InferenceSession(pool, backend=backend)
-    spec = layer_spec_for(cfg, pool, wrap=lambda attend: KVCached(attend, session))
+    experts = ModuleSpec(RemoteExperts, params={"client": client}) if client is not None else None
+    spec = layer_spec_for(cfg, pool, wrap=lambda attend: KVCached(attend, session), experts=experts)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    model = build_gpt_model(cfg, layer_spec=spec).to(device)
+    # an MoE model at TP > 1 trains sequence parallel; decode steps (one token) cannot be split over TP
+    overrides = {"sequence_parallel": False} if lm.num_moe_experts else {}
+    model = build_gpt_model(cfg, layer_spec=spec, **overrides).to(device)
     if resume is not None:
-        _load_weights(model, args.load, resume[0], device)
+        weights.load_attention_weights(model, args.load, resume[0], resume[1], device,
+                                       tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                                       experts_remote=client is not None)
         log0(f"== weights from {args.load}/{resume[0]} ==")
+    lockstep = None
+    if client is not None:
+        lockstep = Lockstep(client, group=groups.base, device=device, dtype=model.config.params_dtype,
+                            hidden=lm.hidden_size, routers=[m.router for m in moe_layers(model)],
+                            agreement=ma.agreement, survivors=groups.survivors, mode=ma.mode, describe=ma.describe,
+                            log=lambda m: print(f"fapool: [rank {dist.get_rank()}] {m}", flush=True))
+    dp, dp_rank = groups.layout.dp, parallel_state.get_data_parallel_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    decode_steps = [0]
+
+    def on_step(kind, size):
+        if kind == "decode":
+            decode_steps[0] += 1
+            if args.log_interval and decode_steps[0] % args.log_interval == 0 and dist.get_rank() == 0:
+                print(f"decode step {decode_steps[0]}: {size} requests", flush=True)
+
     kwargs = dict(vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings, device=device,
                   tp_group=parallel_state.get_tensor_model_parallel_group(),
                   pp_group=parallel_state.get_pipeline_model_parallel_group(), greedy=not args.sampling,
                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, decode_batch=args.decode_batch,
-                  token_limit=tok.vocab_size, stop_token=tok.eod if args.stop_at_eod else None)
+                  token_limit=tok.vocab_size, stop_token=tok.eod if args.stop_at_eod else None, lockstep=lockstep,
+                  on_step=on_step)
     results = []
     profiler = cProfile.Profile() if args.profile_out and dist.get_rank() == 0 else None
     for i, (name, requests, texts) in enumerate(batches):
         if len(batches) > 1:
             log0(f"== workload {i + 1}/{len(batches)}: {name} ==")
+        mine = [r for r in requests if r.id % dp == dp_rank]  # this replica's requests
         if args.warmup:
-            generate(model, session, requests, **kwargs)
+            generate(model, session, mine, **kwargs)
         if profiler is not None:
             profiler.enable()
         t0 = time.perf_counter()
-        gens = generate(model, session, requests, **kwargs)
+        gens = generate(model, session, mine, **kwargs)
         wall = time.perf_counter() - t0
         if profiler is not None:
             profiler.disable()
-        if dist.get_rank() == 0:
-            print(_report(gens, texts, tok, wall), flush=True)
-        rows = [dict(id=g.id, prompt_len=g.prompt_len, new_tokens=len(g.tokens), pooled=g.pooled, ttft_s=g.ttft_s,
-                     tpot_s=g.tpot_s, done_s=g.done_s, decode_s=g.decode_s,
-                     kv_tokens_on_base=g.kv_tokens_on_base) for g in gens]
-        results.append({"name": name, "wall_s": wall, "requests": rows})
+        gathered = [None] * dist.get_world_size(groups.base) if dist.get_rank() == 0 else None
+        dist.gather_object((tp_rank, pp_rank, wall, gens), gathered, dst=0, group=groups.base)
+        if dist.get_rank() == 0:  # each replica's first rank speaks for it
+            gens = sorted((g for t, p, _, gs in gathered if t == 0 and p == 0 for g in gs), key=lambda g: g.id)
+            wall = max(w for _, _, w, _ in gathered)
+            print(_report(gens, [texts[g.id] for g in gens], tok, wall), flush=True)
+            rows = [dict(id=g.id, prompt_len=g.prompt_len, new_tokens=len(g.tokens), pooled=g.pooled,
+                         ttft_s=g.ttft_s, tpot_s=g.tpot_s, done_s=g.done_s, decode_s=g.decode_s,
+                         kv_tokens_on_base=g.kv_tokens_on_base, tokens=g.tokens, degraded_from=g.degraded_from)
+                    for g in gens]
+            results.append({"name": name, "wall_s": wall, "requests": rows})
     if pool is not None:
         pool.shutdown(device)
+    ma_metrics = None
+    if lockstep is not None:
+        lockstep.shutdown()
+        ma.lost = list(lockstep.lost)
+        s = client.stats
+        items = ma.gather(dict(
+            role="attention", rank=dist.get_rank(), dp=dp_rank, rows_sent=s.rows_sent, forward_calls=s.forward_calls,
+            idle_calls=s.idle_calls, bytes_sent=s.bytes_sent, bytes_received=s.bytes_received, steps=lockstep.steps,
+            idle_steps=lockstep.idle_steps, redone_steps=lockstep.redone_steps, lost=list(lockstep.lost),
+            rerouted_tokens=lockstep.rerouted_tokens,
+            rerouted_per_layer=[int(r.rerouted_tokens) for r in lockstep.routers],
+        ))
+        if dist.get_rank() == 0:
+            text, ma_metrics = _ma_report(items, ma)
+            print(text, flush=True)
     if profiler is not None:
         profiler.dump_stats(args.profile_out)
     if dist.get_rank() == 0 and args.metrics_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
         with open(args.metrics_json, "w") as f:
-            json.dump({"world_size": groups.layout.world_size, "decode_batch": args.decode_batch,
-                       "workloads": results}, f, indent=1)
+            json.dump({"world_size": groups.layout.world_size, "data_parallel_size": dp,
+                       "decode_batch": args.decode_batch, "workloads": results, "ma_separation": ma_metrics}, f,
+                      indent=1)
+    if ma is not None:
+        ma.finish()
+
+
+def _serve_experts(args, cfg, groups, device, resume):
+    """An expert rank: every MoE layer's experts of its block, served until the attention ranks shut it down."""
+    ma = _MA(cfg, groups, 60.0 * args.distributed_timeout_minutes)
+    lm = cfg.model.language_model
+    torch.manual_seed(args.seed + 1 + groups.rank)  # --random-weights: this rank's experts
+    stack = ExpertStack.for_rank(groups, expert_transformer_config(cfg), num_layers=lm.num_layers,
+                                 num_experts=ma.num_experts).to(device)
+    if resume is not None:
+        weights.load_expert_weights(stack, args.load, resume[0], resume[1], device)
+    server = ExpertServer(groups, stack, device=device, num_experts=ma.num_experts)
+    with torch.no_grad():
+        stats = serve_degradable(server, ma.agreement, groups.survivors, mode=ma.mode, describe=ma.describe,
+                                 on_switch=ma.lost.append)
+    ids = stack.global_ids
+    print(f"[rank {groups.rank}] expert rank for experts {ids.start}-{ids.stop - 1}: served {stats.forward_calls}"
+          f" forward calls, {int(stats.tokens_forward.sum())} tokens, {stats.bytes_received / 1e6:.1f} MB in,"
+          f" {stats.bytes_sent / 1e6:.1f} MB out" + (f"; went on without rank {ma.lost[0]}" if ma.lost else ""),
+          flush=True)
+    ma.gather(dict(role="expert", rank=groups.rank, experts=[ids.start, ids.stop - 1],
+                   forward_calls=stats.forward_calls, tokens_forward=stats.tokens_forward.tolist(),
+                   bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received, lost=list(ma.lost)))
+    ma.finish()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, layout, batches, tok, resume = _preflight(args)
-    return job.run(cfg, layout, lambda groups, device: _serve_base(args, cfg, groups, device, batches, tok, resume),
-                   timeout_s=60.0 * args.distributed_timeout_minutes)
+    try:
+        return job.run(cfg, layout,
+                       lambda groups, device: _serve_base(args, cfg, groups, device, batches, tok, resume),
+                       expert_work=lambda groups, device: _serve_experts(args, cfg, groups, device, resume),
+                       timeout_s=60.0 * args.distributed_timeout_minutes)
+    except PeerLost as e:  # a lost rank, named: one line, and out at once (no teardown with a peer gone)
+        monitor = liveness.active()
+        if monitor is not None:
+            monitor.stop(done=False)  # it would only add "lost the store" once rank 0 is gone
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(f"fapool: error: [rank {rank}] {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if rank == 0 and not os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
+            time.sleep(2.0)  # this process hosts the rendezvous store: let the others say why they stop
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -24,21 +24,22 @@ from megatron_fapool.config import load_run_config
 from megatron_fapool.models.gpt import check_runnable_here
 from megatron_fapool.runtime import exit_on_user_error, job, log0
 from megatron_fapool.training import checkpoint as ckpt
-from megatron_fapool.training.arguments import check_batch_sizes, check_run, parse_args
-from megatron_fapool.training.loop import train_base_rank
+from megatron_fapool.training.arguments import check_batch_sizes, check_ping_pong, check_run, parse_args
+from megatron_fapool.training.loop import train_base_rank, train_expert_rank
 
 
 def _preflight(args):
     """All checks that need no process group: config, layout, batch sizes, checkpoint shape."""
     cfg = load_run_config(args.deepspeed_config, model_yaml=args.yaml_cfg)
     check_run(args, cfg)
-    check_runnable_here(cfg)
+    check_runnable_here(cfg, seq_length=args.seq_length or cfg.model.language_model.seq_length)
     layout = job.layout_of(cfg)
-    check_batch_sizes(cfg.deepspeed, layout.dp, cfg.json_path)
+    micro, _ = check_batch_sizes(cfg.deepspeed, layout.dp, cfg.json_path)
+    check_ping_pong(cfg, micro)
     resume = ckpt.find_checkpoint(args.load) if args.load else None
     if resume is not None:
         tag, meta = resume
-        ckpt.check_compatible(meta, cfg, os.path.join(args.load, tag))
+        ckpt.check_compatible(meta, cfg, os.path.join(args.load, tag), layout=layout)
     if args.save:
         ckpt.check_save_dir(args.save, loaded_from=args.load if resume is not None else None)
     return cfg, layout, resume
@@ -57,7 +58,11 @@ def main(argv=None) -> int:
             log0(f"== no checkpoint in {args.load}: starting from iteration 0 ==")
         train_base_rank(args, cfg, groups, device, resume=resume, log=log0)
 
-    return job.run(cfg, layout, train, timeout_s=60.0 * args.distributed_timeout_minutes)
+    def serve_experts(groups, device) -> None:
+        train_expert_rank(args, cfg, groups, device, resume=resume)
+
+    return job.run(cfg, layout, train, expert_work=serve_experts if layout.num_expert else None,
+                   timeout_s=60.0 * args.distributed_timeout_minutes)
 
 
 if __name__ == "__main__":

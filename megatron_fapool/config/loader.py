@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from .calibration import load_calibration
 from .errors import ConfigError, from_validation_error
-from .model_yaml import ModelYaml, UniqueKeyLoader
-from .schema import FAPoolConfig, known_keys
+from .model_yaml import DEFAULT_MOE_AUX_LOSS_COEFF, LanguageModel, ModelYaml, UniqueKeyLoader
+from .schema import FAPoolConfig, MASeparationConfig, known_keys
 
 __all__ = ["RunConfig", "load_deepspeed_json", "load_model_yaml", "load_run_config", "parse_fapool"]
 
@@ -55,7 +55,14 @@ class RunConfig:
             f" (query groups {lm.query_groups}, head dim {lm.head_dim}) ffn={lm.ffn_hidden_size or 4 * lm.hidden_size}"
             f" {lm.activation_func} {lm.normalization} vocab={lm.vocab_size}"
             f" max_pos={lm.max_position_embeddings} pos={lm.position_embedding_type}"
-            + (f" experts={lm.num_moe_experts} top{lm.moe_router_topk}" if lm.num_moe_experts else ""),
+            + (
+                f" experts={lm.num_moe_experts} top{lm.moe_router_topk}"
+                f" expert_ffn={lm.moe_ffn_hidden_size or lm.ffn_hidden_size or 4 * lm.hidden_size}"
+                f" aux={DEFAULT_MOE_AUX_LOSS_COEFF if lm.moe_aux_loss_coeff is None else lm.moe_aux_loss_coeff}"
+                f" z={lm.moe_z_loss_coeff} capacity={lm.moe_expert_capacity_factor} router={lm.moe_router_dtype}"
+                if lm.num_moe_experts
+                else ""
+            ),
             f"parallel      TP={self.tensor_model_parallel_size} PP={self.pipeline_model_parallel_size}"
             f" precision={self.precision}",
             f"attention     backend={self.fapool.attention_backend.backend}"
@@ -74,7 +81,8 @@ class RunConfig:
             ),
             "MA separation "
             + (
-                f"on: attention:expert={ma.attention_expert_ratio} experts={ma.num_experts} top{ma.top_k}"
+                f"on: attention:expert={ma.attention_expert_ratio} micro_batches={ma.micro_batches}"
+                f" on_expert_loss={ma.on_expert_loss}"
                 if ma.enabled
                 else "off"
             ),
@@ -195,13 +203,17 @@ def load_run_config(json_path: str, *, model_yaml: str | None = None) -> RunConf
             f"{pp} does not divide num_layers={lm.num_layers}: pick a divisor",
             source=json_path,
         )
+    precision = _precision(ds, json_path)
     ma = fapool.ma_separation
-    if ma.enabled and lm.num_moe_experts not in (None, ma.num_experts):
-        raise ConfigError(
-            "fapool.ma_separation.num_experts",
-            f"{ma.num_experts} differs from num_moe_experts={lm.num_moe_experts} in {yaml_path}",
-            source=json_path,
-        )
+    if ma.calibration_file:
+        ma = ma.model_copy(update={"calibration_file": _relative_to(here, ma.calibration_file)})
+        if not os.path.isfile(ma.calibration_file):
+            raise ConfigError("fapool.ma_separation.calibration_file", f"file not found: {ma.calibration_file}",
+                              source=json_path)
+        fapool = fapool.model_copy(update={"ma_separation": ma})
+    lm = _resolve_moe(lm, ma, yaml_path=yaml_path, json_path=json_path)
+    model = model.model_copy(update={"language_model": lm})
+    _check_moe(model, fapool, precision, tp, yaml_path=yaml_path, json_path=json_path)
     return RunConfig(
         json_path=json_path,
         deepspeed=ds,
@@ -210,5 +222,103 @@ def load_run_config(json_path: str, *, model_yaml: str | None = None) -> RunConf
         model=model,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        precision=_precision(ds, json_path),
+        precision=precision,
     )
+
+
+# fapool.ma_separation key -> model YAML (language_model) key
+MA_MODEL_KEYS = {
+    "num_experts": "num_moe_experts",
+    "top_k": "moe_router_topk",
+    "capacity_factor": "moe_expert_capacity_factor",
+    "aux_loss_coeff": "moe_aux_loss_coeff",
+    "z_loss_coeff": "moe_z_loss_coeff",
+}
+
+
+def _resolve_moe(lm: LanguageModel, ma: MASeparationConfig, *, yaml_path: str, json_path: str) -> LanguageModel:
+    """The model with ``fapool.ma_separation``'s model keys filled in (they must agree with the YAML's)."""
+    given = {k: getattr(ma, k) for k in MA_MODEL_KEYS if getattr(ma, k) is not None}
+    if lm.num_moe_experts is None:
+        if ma.enabled:
+            raise ConfigError(
+                "fapool.ma_separation.enabled",
+                f"true, but {yaml_path} is a dense model (no num_moe_experts): MA separation places MoE experts;"
+                " add num_moe_experts (and moe_router_topk) to the model YAML or set enabled to false",
+                source=json_path,
+            )
+        if given:
+            key = next(iter(given))
+            raise ConfigError(
+                f"fapool.ma_separation.{key}",
+                f"given, but {yaml_path} is a dense model (no num_moe_experts): remove it",
+                source=json_path,
+            )
+        return lm
+    update = {}
+    for key, value in given.items():
+        yaml_key = MA_MODEL_KEYS[key]
+        if yaml_key in lm.model_fields_set:
+            if getattr(lm, yaml_key) != value:
+                raise ConfigError(
+                    f"fapool.ma_separation.{key}",
+                    f"{value} differs from language_model.{yaml_key}={getattr(lm, yaml_key)} in {yaml_path}:"
+                    " give it in one place, or the same value in both",
+                    source=json_path,
+                )
+        else:
+            update[yaml_key] = value
+    lm = lm.model_copy(update=update)
+    if lm.moe_router_topk > lm.num_moe_experts:
+        raise ConfigError(
+            "fapool.ma_separation.top_k" if "top_k" in given else "language_model.moe_router_topk",
+            f"top-{lm.moe_router_topk} routing over {lm.num_moe_experts} experts: top_k must be <= the experts",
+            source=json_path if "top_k" in given else yaml_path,
+        )
+    return lm
+
+
+def _check_moe(model: ModelYaml, fapool: FAPoolConfig, precision: str, tp: int, *, yaml_path: str,
+               json_path: str) -> None:
+    """What an MoE model (colocated or MA separated) cannot run with, refused at load."""
+    lm, ma = model.language_model, fapool.ma_separation
+    ep = model.model_parallel.expert_model_parallel_size
+    if ep > 1:
+        raise ConfigError(
+            "model_parallel.expert_model_parallel_size",
+            f"{ep}: Megatron expert parallelism over the base ranks is not supported (every base rank holds all"
+            " experts); use 1, or put the experts on their own ranks with fapool.ma_separation",
+            source=yaml_path,
+        )
+    if not lm.num_moe_experts:
+        return
+    if precision == "fp16":
+        raise ConfigError(
+            "fp16.enabled",
+            f"fp16 with {'MA separation' if ma.enabled else 'an MoE model'}: the fp16 loss scale does not reach the"
+            " router's aux/z-loss gradients (Megatron's MoEAuxLossAutoScaler); use bf16 or fp32",
+            source=json_path,
+        )
+    if tp > 1 and lm.seq_length and lm.seq_length % tp:
+        raise ConfigError(
+            "language_model.seq_length",
+            f"{lm.seq_length} is not divisible by tensor_model_parallel_size={tp}: an MoE model at TP > 1 runs"
+            " sequence parallel (Megatron's MoELayer trains only so), which splits the sequence over TP",
+            source=yaml_path,
+        )
+    if not ma.enabled:
+        return
+    if fapool.attention_pool.enabled:
+        raise ConfigError(
+            "fapool.ma_separation.enabled",
+            "MA separation together with the attention pool is not supported yet: disable one of"
+            " fapool.attention_pool and fapool.ma_separation",
+            source=json_path,
+        )
+    if ma.micro_batches > 1 and lm.moe_expert_capacity_factor is not None:
+        raise ConfigError(
+            "fapool.ma_separation.micro_batches",
+            f"{ma.micro_batches} with capacity factor {lm.moe_expert_capacity_factor}: capacity drops depend on all"
+            " tokens of the call; use micro_batches 1 or no capacity",
+            source=json_path,
+        )

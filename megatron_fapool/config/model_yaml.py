@@ -13,7 +13,15 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-__all__ = ["LanguageModel", "ModelParallel", "ModelYaml", "UniqueKeyLoader", "activation", "to_transformer_config"]
+__all__ = [
+    "DEFAULT_MOE_AUX_LOSS_COEFF", "LanguageModel", "ModelParallel", "ModelYaml", "UniqueKeyLoader", "activation",
+    "to_transformer_config",
+]
+
+# The load-balancing loss coefficient of an MoE model whose YAML (and fapool.ma_separation) give none.
+# Megatron's CLI default is 0.0 (no load balancing); fapool's is 0.01 whether or not MA separation
+# is on, so that switching MA separation on or off never changes the model's loss.
+DEFAULT_MOE_AUX_LOSS_COEFF = 0.01
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -57,9 +65,20 @@ class LanguageModel(_Section):
     attention_dropout: float = Field(0.1, ge=0, lt=1)
     init_method_std: PositiveFloat = 0.02
     untie_embeddings_and_output_weights: bool = False
-    # MoE (used by MA separation)
+    # MoE: Megatron's MoELayer (TopKRouter, allgather dispatcher, SequentialMLP experts) in every
+    # layer when num_moe_experts is set; the other moe_* keys need it.
     num_moe_experts: Optional[PositiveInt] = None
     moe_router_topk: PositiveInt = 2
+    moe_ffn_hidden_size: Optional[PositiveInt] = None  # FFN size of one expert; default ffn_hidden_size
+    moe_aux_loss_coeff: Optional[float] = Field(
+        None, ge=0, description=f"load-balancing loss coefficient; default {DEFAULT_MOE_AUX_LOSS_COEFF}"
+        " (fapool's, with or without MA separation; Megatron's CLI default is 0.0)",
+    )
+    moe_z_loss_coeff: Optional[float] = Field(None, ge=0, description="router z-loss coefficient; none by default")
+    moe_expert_capacity_factor: Optional[float] = Field(
+        None, gt=0, description="capacity per expert (tokens dropped beyond it); default none: no token is dropped"
+    )
+    moe_router_dtype: Literal["fp32", "fp64"] = "fp32"  # router logits, probabilities and aux losses
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +100,14 @@ class LanguageModel(_Section):
                 f"num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_query_groups {self.query_groups}"
             )
+        if self.num_moe_experts is None:
+            given = sorted(k for k in self.model_fields_set if k.startswith("moe_"))
+            if given:
+                raise ValueError(f"{', '.join(given)} given without num_moe_experts: set num_moe_experts or remove them")
+        elif self.moe_router_topk > self.num_moe_experts:
+            raise ValueError(
+                f"moe_router_topk {self.moe_router_topk} exceeds num_moe_experts {self.num_moe_experts}"
+            )
         if self.seq_length and self.seq_length > self.max_position_embeddings:
             raise ValueError(
                 f"seq_length {self.seq_length} exceeds max_position_embeddings "
@@ -92,7 +119,12 @@ class LanguageModel(_Section):
 class ModelParallel(_Section):
     tensor_model_parallel_size: PositiveInt = 1
     pipeline_model_parallel_size: PositiveInt = 1
-    sequence_parallel: Literal[False] = False  # the pool needs whole sequences on base ranks
+    # Megatron expert parallelism over the base ranks: only 1 (every base rank holds all experts;
+    # the loader says why), experts on other ranks are fapool.ma_separation.
+    expert_model_parallel_size: PositiveInt = 1
+    # Not a choice: off for dense models (the pool needs whole sequences on base ranks; attention
+    # sees them anyway), on for MoE models at TP > 1 (Megatron's MoELayer trains only so).
+    sequence_parallel: Literal[False] = False
 
 
 class ModelYaml(_Section):
@@ -122,12 +154,40 @@ def to_transformer_config(
     use_cpu_initialization: bool = True,
     **overrides,
 ):
-    """Megatron ``TransformerConfig`` for ``model`` on the given base grid."""
+    """Megatron ``TransformerConfig`` for ``model`` on the given base grid.
+
+    An MoE model (``num_moe_experts``) gets every MoE key of the YAML, Megatron's
+    ``aux_loss`` load balancing, the ``allgather`` dispatcher, ``SequentialMLP`` experts
+    (no grouped GEMM), expert parallel and expert tensor parallel sizes 1 (every rank
+    holding experts holds whole experts), and ``sequence_parallel`` at TP > 1: Megatron's
+    ``MoELayer`` trains with TP only so. The sequence length must then divide by TP, and
+    a forward of a length that does not (a decode step) needs ``sequence_parallel=False``
+    in ``overrides`` (allowed in eval: every TP rank then routes the whole sequence).
+    """
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = params_dtype or torch.float32
     func, gated = activation(model.activation_func)
+    moe = {}
+    if model.num_moe_experts:
+        moe = dict(
+            num_moe_experts=model.num_moe_experts,
+            moe_router_topk=model.moe_router_topk,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size,
+            moe_aux_loss_coeff=(
+                DEFAULT_MOE_AUX_LOSS_COEFF if model.moe_aux_loss_coeff is None else model.moe_aux_loss_coeff
+            ),
+            moe_z_loss_coeff=model.moe_z_loss_coeff,
+            moe_expert_capacity_factor=model.moe_expert_capacity_factor,
+            moe_router_dtype=model.moe_router_dtype,
+            moe_router_load_balancing_type="aux_loss",
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
+            expert_model_parallel_size=1,
+            expert_tensor_parallel_size=1,
+            sequence_parallel=tensor_model_parallel_size > 1,
+        )
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -146,8 +206,6 @@ def to_transformer_config(
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
-        num_moe_experts=model.num_moe_experts,
-        moe_router_topk=model.moe_router_topk if model.num_moe_experts else 2,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         pipeline_dtype=dtype,
@@ -160,6 +218,7 @@ def to_transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        **moe,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -83,14 +83,31 @@ class AttentionPoolConfig(_Section):
 
 
 class MASeparationConfig(_Section):
-    """MoE layers whose attention and experts live on different ranks."""
+    """MoE layers whose attention and experts live on different ranks.
+
+    The model keys (``num_experts``, ``top_k``, ``capacity_factor``, ``aux_loss_coeff``,
+    ``z_loss_coeff``) describe the MoE model: ``None`` takes the model YAML's value
+    (``num_moe_experts``, ``moe_router_topk``, ``moe_expert_capacity_factor``,
+    ``moe_aux_loss_coeff``, ``moe_z_loss_coeff``); a value given here fills a key the YAML
+    leaves out and must equal the YAML's where both give one. They apply whether or not
+    ``enabled`` is true, so switching MA separation changes where the experts run, never
+    the model. They never make a dense YAML an MoE model.
+    """
 
     enabled: bool = False
     attention_expert_ratio: str = Field("3:1", pattern=r"^\s*[1-9]\d*\s*:\s*[1-9]\d*\s*$")
-    num_experts: PositiveInt = 16
-    top_k: PositiveInt = 2
-    capacity_factor: Optional[float] = Field(None, gt=0)
-    aux_loss_coeff: float = Field(0.01, ge=0)
+    num_experts: Optional[PositiveInt] = Field(None, description="must equal the YAML's num_moe_experts")
+    top_k: Optional[PositiveInt] = Field(None, description="the YAML's moe_router_topk")
+    capacity_factor: Optional[float] = Field(None, gt=0, description="the YAML's moe_expert_capacity_factor")
+    aux_loss_coeff: Optional[float] = Field(None, ge=0, description="the YAML's moe_aux_loss_coeff (default 0.01)")
+    z_loss_coeff: Optional[float] = Field(None, ge=0, description="the YAML's moe_z_loss_coeff")
+    micro_batches: PositiveInt = Field(
+        1, description="ping-pong: parts a micro-batch is split into, so attention of one overlaps experts of another"
+    )
+    on_expert_loss: Literal["fail", "degrade"] = Field(
+        "fail", description="inference: 'degrade' masks a lost expert rank's experts from routing and goes on"
+    )
+    calibration_file: Optional[str] = Field(None, description="time-predictor calibration, relative to the JSON")
 
     @property
     def ratio(self) -> tuple[int, int]:
@@ -99,7 +116,7 @@ class MASeparationConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.top_k > self.num_experts:
+        if self.top_k is not None and self.num_experts is not None and self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         return self
 

@@ -6,6 +6,10 @@ cache and, above the threshold, its own pool shards). Tensor-parallel ranks run 
 same loop in lockstep; their logits are gathered, so every rank picks the same tokens.
 Pipeline stages pass hidden states on and the last one broadcasts the tokens. Bad
 requests are refused before any work, so no cache is touched.
+
+With MA separation the attention replicas step together (``lockstep``,
+:mod:`.lockstep`): one forward each per step, idle steps for a replica with nothing
+left, and a step that failed because an expert rank was lost is undone and redone.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.rope import PositionalRotaryEmbedding
+from ..parallel.service import PeerLost
 
 __all__ = ["Generation", "Request", "RequestError", "generate", "validate_requests"]
 
@@ -42,6 +47,7 @@ class Generation:
     decode_s: list[float] = field(default_factory=list)  # time of each decode step
     done_s: float = 0.0  # from the start of the batch to this request's last token
     kv_tokens_on_base: int = 0  # K/V tokens this base rank held at the end (all layers)
+    degraded_from: int | None = None  # MA, degraded: index of the first token generated without a lost expert rank
 
     @property
     def tpot_s(self) -> float:
@@ -134,16 +140,38 @@ def _pick(logits, *, greedy: bool, temperature: float, top_k: int, generator, li
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _plan(requests: list[Request], results: dict, decode_batch: int, stop_token):
+    """The forwards of a batch, in order: ``("prefill", [r])`` for each request, then ``("decode", batch)``
+    round-robin over the live requests. Lazy: which requests are live is read when the next
+    decode round starts, so each step must be committed before the next one is asked for."""
+    for r in requests:
+        yield "prefill", [r]
+    live = [r for r in requests if not _done(results[r.id], r, stop_token)]
+    while live:
+        size = decode_batch or len(live)
+        for i in range(0, len(live), size):
+            yield "decode", live[i: i + size]
+        live = [r for r in live if not _done(results[r.id], r, stop_token)]
+
+
 @torch.no_grad()
 def generate(model, session, requests: list[Request], *, vocab_size: int, max_positions: int, device,
              tp_group=None, pp_group=None, greedy: bool = True, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
-             stop_token: int | None = None, token_limit: int | None = None, decode_batch: int = 0) -> list[Generation]:
+             stop_token: int | None = None, token_limit: int | None = None, decode_batch: int = 0, lockstep=None,
+             on_step=None) -> list[Generation]:
     """Serve ``requests``; returns one :class:`Generation` per request, in order.
 
     Prefill runs one request per forward; decode runs ``decode_batch`` requests per
     forward (0: every request still generating), round-robin over the batches.
     ``token_limit``: only ids below it are generated (a tokenizer smaller than the
     model's padded vocabulary); ``stop_token`` ends a request early.
+
+    ``lockstep`` (MA separation, :class:`~megatron_fapool.inference.lockstep.Lockstep`):
+    every attention replica of the job steps together, one forward each per step; a
+    replica with no work left runs empty steps until none has any (``requests`` may be
+    empty). A step that failed on any replica because an expert rank was lost is undone
+    (K/V caches, sampler) and redone once the lockstep has recovered, or the error is
+    raised. ``on_step(kind, batch_size)`` is called after each step of this replica.
     """
     validate_requests(requests, vocab_size=vocab_size, max_positions=max_positions)
     if getattr(model, "position_embedding_type", None) == "rope" and not isinstance(
@@ -156,42 +184,82 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
     gen = torch.Generator().manual_seed(seed)  # the same on every TP rank: same logits, same draws
     pick = dict(greedy=greedy, temperature=temperature, top_k=top_k, generator=gen, limit=token_limit)
     results = {r.id: Generation(id=r.id, prompt_len=len(r.prompt)) for r in requests}
+
+    def run(step) -> list[int]:
+        kind, batch = step
+        if kind == "prefill":
+            ids = torch.tensor([batch[0].prompt], dtype=torch.long, device=device)
+            with session.step(batch[0].id, "prefill"):
+                return _next_tokens(model, ids, [0], device, tp_group, pp_group, pick)
+        outs = [results[r.id] for r in batch]
+        ids = torch.tensor([[o.tokens[-1]] for o in outs], dtype=torch.long, device=device)
+        positions = [o.prompt_len + len(o.tokens) - 1 for o in outs]
+        with session.step([r.id for r in batch], "decode"):
+            return _next_tokens(model, ids, positions, device, tp_group, pp_group, pick)
+
+    def commit(step, tokens: list[int], t0: float) -> None:
+        kind, batch = step
+        _sync(device)
+        end = time.perf_counter()
+        now = end - start
+        for r, token in zip(batch, tokens):
+            out = results[r.id]
+            out.tokens.append(token)
+            out.done_s = now
+            if kind == "prefill":
+                out.pooled = session.is_pooled(r.id)
+                out.ttft_s = now
+            else:
+                out.decode_s.append(end - t0)
+        if on_step is not None:
+            on_step(kind, len(batch))
+
     _sync(device)
     start = time.perf_counter()
     try:
-        for r in requests:  # prefill
-            ids = torch.tensor([r.prompt], dtype=torch.long, device=device)
-            with session.step(r.id, "prefill"):
-                (token,) = _next_tokens(model, ids, [0], device, tp_group, pp_group, pick)
-            out = results[r.id]
-            out.tokens.append(token)
-            out.pooled = session.is_pooled(r.id)
-            _sync(device)
-            out.ttft_s = out.done_s = time.perf_counter() - start
-        live = [r for r in requests if not _done(results[r.id], r, stop_token)]
-        while live:  # decode: batches of live requests, round-robin
-            size = decode_batch or len(live)
-            for batch in (live[i: i + size] for i in range(0, len(live), size)):
-                outs = [results[r.id] for r in batch]
+        plan = _plan(requests, results, decode_batch, stop_token)
+        if lockstep is None:
+            for step in plan:
                 t0 = time.perf_counter()
-                ids = torch.tensor([[o.tokens[-1]] for o in outs], dtype=torch.long, device=device)
-                positions = [o.prompt_len + len(o.tokens) - 1 for o in outs]
-                with session.step([r.id for r in batch], "decode"):
-                    tokens = _next_tokens(model, ids, positions, device, tp_group, pp_group, pick)
-                _sync(device)
-                dt = time.perf_counter() - t0
-                now = time.perf_counter() - start
-                for o, token in zip(outs, tokens):
-                    o.tokens.append(token)
-                    o.decode_s.append(dt)
-                    o.done_s = now
-            live = [r for r in live if not _done(results[r.id], r, stop_token)]
+                commit(step, run(step), t0)
+        else:
+            _in_lockstep(plan, run, commit, session, gen, lockstep, results)
         for r in requests:
             results[r.id].kv_tokens_on_base = session.tokens_held(r.id)
     finally:
         for r in requests:
             session.free(r.id)
     return [results[r.id] for r in requests]
+
+
+def _in_lockstep(plan, run, commit, session, gen, lockstep, results) -> None:
+    """Run ``plan``'s steps in lockstep with the other attention replicas (see :func:`generate`)."""
+    step = next(plan, None)
+    t0 = None  # when the current step was first tried (a redone step's time includes the recovery)
+    while lockstep.any_work(step is not None):
+        t0 = time.perf_counter() if t0 is None else t0
+        mark = session.mark([r.id for r in step[1]]) if step is not None else None
+        sampler = gen.get_state()
+        error, tokens = None, None
+        try:
+            if step is None:
+                lockstep.idle()
+            else:
+                tokens = run(step)
+        except PeerLost as e:
+            error = e
+        if lockstep.failed(error):  # on some replica: recovered (or raised), now redo this step
+            if mark is not None:
+                session.restore(mark)
+            gen.set_state(sampler)
+            for out in results.values():
+                if out.degraded_from is None:
+                    out.degraded_from = len(out.tokens)
+            continue
+        if step is not None:
+            commit(step, tokens, t0)
+            step = next(plan, None)
+        t0 = None
 
 
 def _done(out: Generation, r: Request, stop_token) -> bool:

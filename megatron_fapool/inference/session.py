@@ -87,6 +87,33 @@ class InferenceSession:
         finally:
             self.current = None
 
+    def mark(self, requests) -> tuple:
+        """What a forward of ``requests`` may change in this session, so that :meth:`restore` can undo a
+        forward that failed part way (some layers' K/V written, others not): MA separation's
+        degraded inference redoes such a step. Local (unpooled) caches only."""
+        requests = (requests,) if isinstance(requests, int) else tuple(requests)
+        pooled = [r for r in requests if self.is_pooled(r)]
+        if pooled:
+            raise RuntimeError(f"requests {pooled} are pooled: a step over the pool cannot be undone")
+        lengths = {key: shard.length for key, shard in self.unpooled.shards.items() if key[0] in requests}
+        return requests, {r: self.members[r] for r in requests if r in self.members}, lengths, dict(self.forwards), \
+            self.decode_rows
+
+    def restore(self, mark: tuple) -> None:
+        """Undo what happened since :meth:`mark`: a request prefilled since is freed, the others' caches
+        are cut back to their lengths then."""
+        requests, members, lengths, forwards, decode_rows = mark
+        for r in requests:
+            if r not in members:  # prefilled (part way) since the mark
+                self.members.pop(r, None)
+                self.unpooled.free(r)
+        for key in [key for key in self.unpooled.shards if key[0] in members and key not in lengths]:
+            del self.unpooled.shards[key]
+        for key, n in lengths.items():
+            self.unpooled.shards[key].length = n
+        self.forwards = dict(forwards)
+        self.decode_rows = decode_rows
+
     def is_pooled(self, request: int) -> bool:
         return self.members.get(request, 1) > 1
 

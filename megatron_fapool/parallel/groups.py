@@ -6,7 +6,9 @@
    world also holds pool and expert ranks, which Megatron must not count as data
    parallel replicas): :func:`_initialize_megatron_over_base_ranks` says how and why.
 2. One attention group per base rank and candidate active pool size.
-3. MA separation: the expert group and the dispatch group of each pipeline stage.
+3. MA separation: the expert group and the dispatch group of each pipeline stage, and a
+   group of each expert rank alone (the expert-parallel / expert-TP group its Megatron
+   expert MLPs are built with: it is in none of Megatron's groups).
 
 ``torch.distributed.new_group`` is collective over the whole world, so every rank
 creates every group in the same order; a rank keeps the handles of those it is in.
@@ -23,7 +25,7 @@ import torch.distributed as dist
 
 from .roles import BASE, EXPERT, POOL, Layout, RankRole
 
-__all__ = ["ParallelGroups", "initialize_parallel_groups"]
+__all__ = ["ParallelGroups", "create_survivor_groups", "initialize_parallel_groups"]
 
 
 @dataclass
@@ -36,6 +38,11 @@ class ParallelGroups:
     base: dist.ProcessGroup | None = None  # all base ranks (the world when there are no others)
     expert: dist.ProcessGroup | None = None
     dispatch: dist.ProcessGroup | None = None
+    expert_self: dist.ProcessGroup | None = None  # an expert rank alone (Megatron's expert TP/EP/DP of its MLPs)
+    # degraded inference (create_survivor_groups): lost expert rank -> this stage's dispatch group
+    # without it, and -> the world without it
+    survivors: dict[int, dist.ProcessGroup] = field(default_factory=dict)
+    survivor_world: dict[int, dist.ProcessGroup] = field(default_factory=dict)
 
     @property
     def role(self) -> RankRole:
@@ -96,6 +103,10 @@ def _initialize_megatron_over_base_ranks(layout: Layout, timeout_s: float) -> No
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tp,
             pipeline_model_parallel_size=layout.pp,
+            # MoE: every base rank holding experts holds whole experts (no Megatron EP); with the
+            # default expert TP (= TP) the allgather dispatcher would gather the sequence over TP.
+            expert_model_parallel_size=1,
+            expert_tensor_parallel_size=1,
             create_gloo_process_groups=False,
             distributed_timeout_minutes=max(1, int(timeout_s // 60)),
         )
@@ -129,5 +140,32 @@ def initialize_parallel_groups(layout: Layout, *, timeout_s: float = 600.0) -> P
             groups.expert = expert
         if rank in layout.dispatch_group(stage):
             groups.dispatch = dispatch
+        for r in layout.expert_group(stage):
+            alone = dist.new_group([r], timeout=timeout)
+            if r == rank:
+                groups.expert_self = alone
     return groups
 
+
+def create_survivor_groups(groups: ParallelGroups, *, timeout_s: float = 600.0) -> None:
+    """MA separation, degraded inference: for every expert rank ``r``, the dispatch group of its stage
+    without ``r`` and the world without ``r`` (``groups.survivors[r]``, ``groups.survivor_world[r]``
+    on the ranks in them), so that losing one expert rank needs no new communicator.
+
+    Collective over the whole world, like :func:`initialize_parallel_groups` (every rank calls it
+    once, after it): ``new_group`` cannot be called once a member is gone.
+    """
+    layout = groups.layout
+    timeout = timedelta(seconds=timeout_s)
+    world = list(range(layout.world_size))
+    for stage in range(layout.pp if layout.num_expert else 0):
+        dispatch = layout.dispatch_group(stage)
+        for lost in layout.expert_group(stage):
+            members = [r for r in dispatch if r != lost]
+            pg = dist.new_group(members, timeout=timeout)
+            if groups.rank in members:
+                groups.survivors[lost] = pg
+            rest = [r for r in world if r != lost]
+            pg = dist.new_group(rest, timeout=timeout)
+            if groups.rank in rest:
+                groups.survivor_world[lost] = pg

@@ -7,6 +7,12 @@ watches everyone else's; a counter that has not moved for ``timeout`` seconds (o
 this rank's own monotonic clock, so no clock skew) means that rank is lost: the
 thread prints which rank (and its role) and ends the process with exit code 1.
 A rank that finishes normally marks itself done and is never reported.
+
+Degraded inference (MA separation, ``on_expert_loss: degrade``) survives the loss of an
+expert rank: :meth:`LivenessMonitor.tolerate` names ranks whose loss is only reported,
+and :meth:`LivenessMonitor.silent_s` tells how long a rank's heartbeat has not moved
+(the recovery uses it to tell a dead rank from a slow one). :func:`active` is the
+monitor this process started.
 """
 
 from __future__ import annotations
@@ -18,10 +24,16 @@ import time
 
 import torch.distributed as dist
 
-__all__ = ["LivenessMonitor"]
+__all__ = ["LivenessMonitor", "active"]
 
 _DONE = b"done"
 EXIT_CODE = 17
+_ACTIVE: "LivenessMonitor | None" = None
+
+
+def active() -> "LivenessMonitor | None":
+    """The monitor this process started (and has not stopped), if any."""
+    return _ACTIVE
 
 
 class LivenessMonitor:
@@ -36,21 +48,43 @@ class LivenessMonitor:
         self.prefix = prefix
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.tolerated: dict[int, str] = {}  # rank -> why its loss does not end this process
+        self.lost: set[int] = set()  # tolerated ranks found lost (reported once each)
+        self._last_change: dict[int, float] = {}  # rank -> monotonic time its heartbeat last moved
+
+    def tolerate(self, ranks, why: str) -> None:
+        """From now on, the loss of any of ``ranks`` is reported (once) but does not end this process."""
+        for r in ranks:
+            self.tolerated[int(r)] = why
+
+    def silent_s(self, rank: int) -> float:
+        """Seconds since ``rank``'s heartbeat last moved, as this monitor last looked (0: not watched yet,
+        itself, or finished normally)."""
+        t = self._last_change.get(rank)
+        return 0.0 if t is None else max(0.0, time.monotonic() - t)
 
     def _key(self, r: int) -> str:
         return f"{self.prefix}/{r}"
 
     def start(self) -> "LivenessMonitor":
+        global _ACTIVE
+        _ACTIVE = self
         self.store.set(self._key(self.rank), "0")
         self._thread = threading.Thread(target=self._run, name="fapool-liveness", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Mark this rank as finished normally and stop watching."""
+    def stop(self, *, done: bool = True) -> None:
+        """Mark this rank as finished normally and stop watching (``done=False``: stop watching only, as a
+        rank that is failing on its own does, so that it reports nothing else on its way out)."""
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if not done:
+            return
         try:
             self.store.set(self._key(self.rank), _DONE)
         except Exception:  # noqa: BLE001 - the store may already be gone at shutdown
@@ -65,7 +99,8 @@ class LivenessMonitor:
         others = [r for r in range(self.world) if r != self.rank]
         keys = [self._key(r) for r in others]
         last_value: dict[int, bytes] = {}
-        last_change = {r: time.monotonic() for r in others}
+        last_change = self._last_change
+        last_change.update({r: time.monotonic() for r in others})
         while not self._stop.wait(self.interval):
             beat += 1
             try:
@@ -86,6 +121,12 @@ class LivenessMonitor:
                     last_change[r] = now
                 elif now - last_change[r] > self.timeout:
                     stale.append((now - last_change[r], r))
+            for age, r in [x for x in stale if x[1] in self.tolerated]:
+                stale.remove((age, r))
+                if r not in self.lost:
+                    self.lost.add(r)
+                    print(f"fapool: warning: [rank {self.rank}] lost {self.describe_rank(r)} (silent {age:.0f}s);"
+                          f" going on: {self.tolerated[r]}", file=sys.stderr, flush=True)
             if stale and not self._stop.is_set():
                 stale.sort(reverse=True)  # the one silent longest went first
                 names = ", ".join(f"{self.describe_rank(r)} (silent {age:.0f}s)" for age, r in stale)

@@ -50,6 +50,7 @@ class Layout:
     num_expert: int
     num_attention_heads: int
     num_query_groups: int
+    num_experts: int = 0  # MA separation: experts per MoE layer, split over each stage's expert ranks
 
     @property
     def num_base(self) -> int:
@@ -62,6 +63,14 @@ class Layout:
     @property
     def experts_per_stage(self) -> int:
         return self.num_expert // self.pp
+
+    def experts_of(self, rank: int) -> range:
+        """MA separation: the global expert ids an expert rank owns (Megatron's EP numbering: contiguous)."""
+        role = self.role_of(rank)
+        if role.role != EXPERT:
+            raise ValueError(f"rank {rank} is not an expert rank")
+        k = self.num_experts // self.experts_per_stage
+        return range(role.expert_index * k, (role.expert_index + 1) * k)
 
     # --- coordinates -------------------------------------------------------------
     def base_rank(self, tp: int, dp: int, pp: int) -> int:
@@ -142,7 +151,9 @@ class Layout:
                     f"  rank {r.rank:>3}  pool    serves rank {r.serves} (tp={r.tp} pp={r.pp} dp={r.dp}) slot {r.pool_index}"
                 )
             else:
-                lines.append(f"  rank {r.rank:>3}  expert  pp={r.pp} slot {r.expert_index}")
+                ids = self.experts_of(r.rank) if self.num_experts else None
+                owns = f"  experts {ids.start}-{ids.stop - 1} of every MoE layer" if ids else ""
+                lines.append(f"  rank {r.rank:>3}  expert  pp={r.pp} slot {r.expert_index}{owns}")
         if self.pool_per_base:
             lines.append(
                 f"attention groups: {len(self.attention_groups())} candidate groups"
@@ -238,6 +249,7 @@ def compute_layout(
         num_expert=num_expert,
         num_attention_heads=num_attention_heads,
         num_query_groups=groups,
+        num_experts=num_experts if num_expert and num_experts else 0,
     )
 
 
@@ -255,7 +267,7 @@ def layout_from_config(run_config, world_size: int) -> Layout:
         num_attention_heads=lm.num_attention_heads,
         num_query_groups=lm.query_groups,
         num_layers=lm.num_layers,
-        num_experts=ma.num_experts if ma.enabled else None,
+        num_experts=lm.num_moe_experts if ma.enabled else None,  # the loader resolved MA and YAML keys
     )
 
 

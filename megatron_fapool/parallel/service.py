@@ -212,13 +212,15 @@ class ServiceMember:
     ``member`` is this rank's index inside any group it is active in (the leader is 0);
     ``group_of(members)`` gives the group of the leader and its first ``members - 1``
     serving ranks. Handlers keep per-call state in :attr:`saved` (freed by
-    ``drop_before``).
+    ``drop_before``). The header arrives by a broadcast from the one leader; a service
+    with several leaders (MA separation's expert ranks) overrides :meth:`recv_header`.
     """
 
     def __init__(self, *, rank: int, leader: int, member: int, control_group, group_of, device,
                  stats: TransferStats, handlers: dict[int, Handler]):
         self.rank = rank
         self.leader = leader
+        self.leaders = (leader,)  # the ranks a lost contact is blamed on
         self.member = member
         self.control_group = control_group
         self.group_of = group_of
@@ -227,7 +229,8 @@ class ServiceMember:
         self.handlers = dict(handlers)
         self.saved: dict[int, object] = {}
 
-    def _recv_header(self) -> Header:
+    def recv_header(self) -> Header:
+        """The next operation's header (blocks until the leader sends one)."""
         t = Header.empty(self.device)
         dist.broadcast(t, src=self.leader, group=self.control_group)
         self.stats.bytes_received += nbytes(t)
@@ -235,11 +238,11 @@ class ServiceMember:
 
     def serve(self):
         """Serve until the leader sends ``SHUTDOWN``; returns this rank's stats."""
-        return named_failure(f"serving rank {self.rank}", [self.leader], self._serve)
+        return named_failure(f"serving rank {self.rank}", self.leaders, self._serve)
 
     def _serve(self):
         while True:
-            h = self._recv_header()
+            h = self.recv_header()
             if h.op == SHUTDOWN:
                 self.saved.clear()
                 return self.stats

@@ -30,9 +30,10 @@ from ..parallel import Layout, ParallelGroups, initialize_parallel_groups, layou
 from ..parallel.liveness import LivenessMonitor
 from . import init_distributed, log0, world_from_env
 
-__all__ = ["BaseWork", "layout_of", "run", "serve_pool"]
+__all__ = ["BaseWork", "describe_rank", "layout_of", "run", "serve_pool"]
 
-#: What a base rank does between start-up and teardown: ``work(groups, device)``.
+#: What a base rank (or, with MA separation, an expert rank) does between start-up and
+#: teardown: ``work(groups, device)``.
 BaseWork = Callable[[ParallelGroups, torch.device], None]
 
 
@@ -53,17 +54,30 @@ def serve_pool(groups: ParallelGroups, device: torch.device) -> None:
     )
 
 
-def run(cfg: RunConfig, layout: Layout, base_work: BaseWork, *, timeout_s: float = 600.0) -> int:
-    """Run one job on this rank: start-up, ``base_work`` (base ranks) or serving (pool ranks), teardown.
+def describe_rank(cfg: RunConfig, layout: Layout, rank: int) -> str:
+    """A rank as the liveness monitor names it, e.g. ``expert rank 3 (experts 0-15)``."""
+    role = layout.role_of(rank)
+    if role.role != "expert":
+        return f"rank {rank} ({role.role})"
+    ids = layout.experts_of(rank)
+    return f"expert rank {rank} (experts {ids.start}-{ids.stop - 1})"
+
+
+def run(cfg: RunConfig, layout: Layout, base_work: BaseWork, *, expert_work: BaseWork | None = None,
+        timeout_s: float = 600.0) -> int:
+    """Run one job on this rank: start-up, ``base_work`` (base ranks), serving (pool ranks) or
+    ``expert_work`` (expert ranks, MA separation), teardown.
 
     ``timeout_s`` bounds every collective (a pool rank waits this long for its base rank).
     Returns 0. An exception leaves without the teardown on purpose: the liveness monitor
     must not mark this rank as finished, so the other ranks report it as lost and exit.
     """
+    if layout.num_expert and expert_work is None:
+        raise ValueError("this layout has expert ranks (MA separation): pass expert_work")
     device = init_distributed(timeout_s=timeout_s)
     rank = dist.get_rank()
     monitor = LivenessMonitor(
-        rank=rank, world_size=layout.world_size, describe_rank=lambda r: f"rank {r} ({layout.role_of(r).role})",
+        rank=rank, world_size=layout.world_size, describe_rank=lambda r: describe_rank(cfg, layout, r),
     ).start()
     print(f"fapool: rank {rank} pid {os.getpid()} role {layout.role_of(rank).role} device {device}", flush=True)
     log0("== resolved config ==\n" + cfg.describe())
@@ -76,7 +90,8 @@ def run(cfg: RunConfig, layout: Layout, base_work: BaseWork, *, timeout_s: float
         base_work(groups, device)
     elif groups.is_pool:
         serve_pool(groups, device)
-    # expert ranks (MA separation) have no part in these entry points yet
+    else:
+        expert_work(groups, device)
     dist.barrier()
     monitor.stop()
     dist.destroy_process_group()

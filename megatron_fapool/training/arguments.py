@@ -16,7 +16,7 @@ import os
 from ..config import ConfigError
 from ..data import BYTE_VOCAB_SIZE
 
-__all__ = ["DATA_MODES", "ZERO_STAGES", "check_run", "parse_args"]
+__all__ = ["DATA_MODES", "ZERO_STAGES", "check_batch_sizes", "check_ping_pong", "check_run", "parse_args"]
 
 DATA_MODES = ("documents", "packed")
 ZERO_STAGES = (0, 1, 2)
@@ -114,9 +114,21 @@ def check_run(args, run_config) -> None:
             " DeepSpeed engine; use tensor parallelism and the attention pool (PP = 1)",
             source=run_config.json_path,
         )
-    if run_config.fapool.ma_separation.enabled:
+    if run_config.fapool.ma_separation.enabled and stage == 0 and run_config.precision == "bf16":
+        # bf16 without ZeRO is DeepSpeed's BF16_Optimizer, whose gradient norm cannot be combined
+        # with the expert ranks' (training/global_norm.py)
         raise ConfigError(
-            "fapool.ma_separation.enabled", "MA separation is not trainable by launch/train.py yet: set it to false",
+            "zero_optimization.stage",
+            "0 with bf16 and MA separation: one gradient norm over attention and expert ranks needs ZeRO stage 1"
+            " or 2 in bf16 (stage 0 works in fp32)",
+            source=run_config.json_path,
+        )
+    ma = run_config.fapool.ma_separation
+    if ma.enabled and ma.on_expert_loss == "degrade":
+        raise ConfigError(
+            "fapool.ma_separation.on_expert_loss",
+            "'degrade' is for inference only: training with an expert rank lost would silently change the model;"
+            " use 'fail' (resume from the last checkpoint after a loss)",
             source=run_config.json_path,
         )
     tb = ds.get("tensorboard") or {}
@@ -124,6 +136,18 @@ def check_run(args, run_config) -> None:
         raise ConfigError(
             "tensorboard.enabled",
             "the tensorboard package is not installed: pip install tensorboard, or use csv_monitor",
+            source=run_config.json_path,
+        )
+
+
+def check_ping_pong(run_config, micro_batch_size: int) -> None:
+    """MA separation's ping-pong cuts each micro-batch into ``micro_batches`` parts along the batch."""
+    ma = run_config.fapool.ma_separation
+    if ma.enabled and ma.micro_batches > micro_batch_size:
+        raise ConfigError(
+            "fapool.ma_separation.micro_batches",
+            f"{ma.micro_batches} parts of a micro-batch of {micro_batch_size} sequences: ping-pong cuts the batch,"
+            f" so use micro_batches <= train_micro_batch_size_per_gpu ({micro_batch_size})",
             source=run_config.json_path,
         )
 

@@ -91,6 +91,8 @@ def flop_count(run_config, seq_length: int, *, causal: bool = True) -> FlopCount
     lm = run_config.model.language_model
     h, heads, groups, d = lm.hidden_size, lm.num_attention_heads, lm.query_groups, lm.head_dim
     ffn = lm.ffn_hidden_size or 4 * h
+    if lm.num_moe_experts:  # each token runs top-k experts of the expert FFN size, plus its router
+        ffn = lm.moe_ffn_hidden_size or ffn
     gated = lm.activation_func == "swiglu"
     routed = lm.moe_router_topk if lm.num_moe_experts else 1
     n, layers = seq_length, lm.num_layers

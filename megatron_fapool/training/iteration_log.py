@@ -9,6 +9,10 @@ averages them over the log interval and formats::
      tokens/s: 2345 | TFLOP/s/GPU: 0.012 | seq len: 37..512 | pool: 5/8 micro-batches pooled,
      2 activations, 2 releases | ETA 0:00:41
 
+An MoE model adds its router losses after the lm loss (the last iteration's of the
+interval, as Megatron's tracker reports them: averaged over replicas and MoE layers,
+unscaled by their coefficients): ``load balancing loss: 1.0123E+00 | z loss: 3.2E-01``.
+
 TFLOP/s per GPU divides the model FLOPs of every replica by the time and by the number
 of GPUs in the job, pool ranks included (they are GPUs this job holds).
 """
@@ -48,6 +52,8 @@ class IterationStats:
     local_calls: float = 0.0
     min_len: int = 0
     max_len: int = 0
+    load_balancing_loss: float | None = None  # MoE: the router's aux loss (not reduced by REDUCED_FIELDS)
+    z_loss: float | None = None  # MoE with moe_z_loss_coeff: the router's z loss
 
     @property
     def loss(self) -> float:
@@ -107,6 +113,10 @@ class IterationLog:
             f"global batch size: {self.global_batch_size:>5d}",
             f"lm loss: {loss:.6E}",
         ]
+        if last.load_balancing_loss is not None:
+            parts.append(f"load balancing loss: {last.load_balancing_loss:.6E}")
+        if last.z_loss is not None:
+            parts.append(f"z loss: {last.z_loss:.6E}")
         if last.grad_norm is not None:
             parts.append(f"grad norm: {last.grad_norm:.3f}")
         parts += [

@@ -316,8 +316,8 @@ def _model_yaml(tmp_path, old: str, new: str):
          "not divisible by tensor_model_parallel_size=3"),
         (None, ("num_attention_heads: 4", "num_attention_heads: four"), 4,
          "language_model.num_attention_heads: got 'four'"),
-        (None, ("  attention_dropout: 0.0", "  attention_dropout: 0.0\n  num_moe_experts: 4"), 4,
-         "language_model.num_moe_experts: 4 experts, but this version builds no MoE layers"),
+        (None, ("  attention_dropout: 0.0", "  attention_dropout: 0.0\n  moe_router_topk: 2"), 4,
+         "moe_router_topk given without num_moe_experts"),
     ],
 )
 def test_bad_config_or_layout(rank0, tmp_path, corpus, mutate, yaml_edit, world, expected):

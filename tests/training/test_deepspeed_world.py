@@ -1,10 +1,12 @@
-"""DeepSpeed's group-less collectives are sent to the base ranks' group (checked against DeepSpeed's own comm.py),
-and every change to DeepSpeed's state is undone when the block ends."""
+"""DeepSpeed's group-less collectives are sent to one role's group (checked against DeepSpeed's own comm.py),
+its world ranks are translated when the role's ranks are not a prefix of the world (expert ranks), and every
+change to DeepSpeed's state is undone when the block ends. (tests/training/test_expert_engine.py runs real
+engines in such a world.)"""
 
 import torch
 
 from megatron_fapool.testing.distributed import run_distributed
-from megatron_fapool.training.deepspeed_world import _BaseRanksBackend, base_ranks_as_world
+from megatron_fapool.training.deepspeed_world import _RoleRanksBackend, base_ranks_as_world
 
 BASE = object()  # stands for the base ranks' process group
 
@@ -43,7 +45,7 @@ def test_groupless_collectives_go_to_the_base_ranks(monkeypatch):
     from deepspeed.comm import comm as impl
 
     rec = _Recorder()
-    monkeypatch.setattr(impl, "cdb", _BaseRanksBackend(rec, BASE, num_base=2))
+    monkeypatch.setattr(impl, "cdb", _RoleRanksBackend(rec, BASE, ranks=(0, 1)))
     t = torch.zeros(4)
     ds.barrier()
     ds.all_reduce(t)
@@ -62,6 +64,36 @@ def test_groupless_collectives_go_to_the_base_ranks(monkeypatch):
     other = object()
     ds.all_reduce(t, group=other)
     assert _group_of(rec.calls[-1]) is other
+
+
+def test_world_ranks_of_a_role_that_is_not_a_prefix(monkeypatch):
+    """Expert ranks 5 and 7 of a world of 8: DeepSpeed's world rank i is global rank (5, 7)[i]."""
+    import deepspeed.comm as ds
+    from deepspeed.comm import comm as impl
+
+    rec = _Recorder()
+    monkeypatch.setattr(impl, "cdb", _RoleRanksBackend(rec, BASE, ranks=(5, 7)))
+    t = torch.zeros(4)
+    ds.broadcast(t, src=1)
+    ds.broadcast_object_list([None], src=0)
+    ds.send(t, dst=1)
+    ds.recv(t, src=0)
+    ds.reduce(t, dst=1)
+    ds.gather(t, dst=0)
+    ds.scatter(t, src=1)
+    keyword = {"broadcast": "src", "broadcast_object_list": "src", "send": "dst", "recv": "src", "reduce": "dst",
+               "gather": "dst", "scatter": "src"}
+    seen = {name: kwargs[keyword[name]] for name, _, kwargs in rec.calls}
+    assert seen == {"broadcast": 7, "broadcast_object_list": 5, "send": 7, "recv": 5, "reduce": 7, "gather": 5,
+                    "scatter": 7}, seen
+    for call in rec.calls:
+        assert _group_of(call) is BASE, call
+    assert ds.get_global_rank(None, 1) == 7 and ds.get_world_size() == 2
+    assert ds.get_all_ranks_from_group(None) == [5, 7]
+    # with a group named, ranks are DeepSpeed's caller's (global) and left alone
+    other = object()
+    ds.broadcast(t, src=3, group=other)
+    assert rec.calls[-1][2]["src"] == 3 and rec.calls[-1][2]["group"] is other
 
 
 def _scoped_body(rank, world_size):
@@ -88,5 +120,5 @@ def _scoped_body(rank, world_size):
 def test_every_change_to_deepspeed_is_undone_on_exit():
     """Inside: DeepSpeed's world is the base ranks and its shared-memory op is off; after: both as before."""
     inside, after = run_distributed(_scoped_body, 2, timeout=120)[0]
-    assert inside == {"shm": False, "world": 1, "wrapped": "_BaseRanksBackend"}
+    assert inside == {"shm": False, "world": 1, "wrapped": "_RoleRanksBackend"}
     assert after == {"shm": "before", "restored": True}
