@@ -32,8 +32,10 @@ demo: $(STAMP) $(DATA).bin
 		--train-iters 150 --log-interval 10 --save runs/demo/checkpoints --save-interval 50 \
 		--metrics-file runs/demo/metrics.jsonl
 
+# Two workers, a test file per worker at a time (a file's module fixtures are built once):
+# most tests are multi-process launches that spend part of their time waiting.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

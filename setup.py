@@ -19,7 +19,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "pytest-xdist>=3"],
         # flash-attn builds from source against CUDA; optional (detected at import).
         "gpu": ["flash-attn>=2.6"],
     },

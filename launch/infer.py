@@ -63,9 +63,7 @@ from megatron_fapool.moe.fault import LossAgreement, serve_degradable
 from megatron_fapool.moe.remote import ExpertClient, RemoteExperts
 from megatron_fapool.moe.serve import ExpertServer, ExpertStack
 from megatron_fapool.moe.wire import DispatchGeometry
-from megatron_fapool.parallel import liveness
 from megatron_fapool.parallel.groups import create_survivor_groups
-from megatron_fapool.parallel.service import PeerLost
 from megatron_fapool.runtime import exit_on_user_error, job, log0
 from megatron_fapool.training import checkpoint as ckpt
 
@@ -241,7 +239,7 @@ class _MA:
         self.num_experts = cfg.model.language_model.num_moe_experts
         self.describe = lambda r: job.describe_rank(cfg, groups.layout, r)
         self.geometry = DispatchGeometry.of_stage(groups.layout, groups.role.pp, self.num_experts)
-        monitor = liveness.active()
+        monitor = groups.liveness
         if self.mode == "degrade":
             create_survivor_groups(groups, timeout_s=timeout_s)  # collective over the world: every rank, here
             if monitor is not None:
@@ -272,9 +270,8 @@ class _MA:
         if not self.lost:
             return
         dist.barrier(group=self.live_world)
-        monitor = liveness.active()
-        if monitor is not None:
-            monitor.stop()
+        if self.groups.liveness is not None:
+            self.groups.liveness.stop()
         dist.destroy_process_group()
         raise SystemExit(0)
 
@@ -428,21 +425,10 @@ def _serve_experts(args, cfg, groups, device, resume):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, layout, batches, tok, resume = _preflight(args)
-    try:
-        return job.run(cfg, layout,
-                       lambda groups, device: _serve_base(args, cfg, groups, device, batches, tok, resume),
-                       expert_work=lambda groups, device: _serve_experts(args, cfg, groups, device, resume),
-                       timeout_s=60.0 * args.distributed_timeout_minutes)
-    except PeerLost as e:  # a lost rank, named: one line, and out at once (no teardown with a peer gone)
-        monitor = liveness.active()
-        if monitor is not None:
-            monitor.stop(done=False)  # it would only add "lost the store" once rank 0 is gone
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        print(f"fapool: error: [rank {rank}] {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        if rank == 0 and not os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
-            time.sleep(2.0)  # this process hosts the rendezvous store: let the others say why they stop
-        os._exit(1)
+    return job.run(cfg, layout,
+                   lambda groups, device: _serve_base(args, cfg, groups, device, batches, tok, resume),
+                   expert_work=lambda groups, device: _serve_experts(args, cfg, groups, device, resume),
+                   timeout_s=60.0 * args.distributed_timeout_minutes, exit_on_peer_lost=True)
 
 
 if __name__ == "__main__":

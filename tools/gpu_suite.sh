@@ -2,7 +2,7 @@
 # GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
 #   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
 # Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo
-#         infer-test decode-bench infer-profile infer-bench mixed-bench
+#         infer-test decode-bench infer-profile infer-bench mixed-bench moe-train
 # `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
 # (megatron-core, deepspeed, pydantic) for an image that lacks them.
 set -uo pipefail
@@ -68,6 +68,9 @@ for s in "$@"; do
       timeout 590 $PY tools/bench_mixed_workload.py --deepspeed_config configs/paper_dense_pool.json \
         --requests ${MIXED_REQUESTS:-40} --strategies ${MIXED_STRATEGIES:-single tp2 pool} --timeout 200 \
         --markdown "$OUT/bench_mixed.md" --output "$OUT/bench_mixed.json" --log-dir "$OUT/mixed_logs" 2>&1 | grep -v -i warn | tail -12 || rc=1 ;;
+    moe-train)
+      stage moe-train
+      timeout 650 bash tools/gpu_moe_train.sh ${MOE_TRAIN_ITERS:-30} ${MOE_TRAIN_SEQ:-16384} || rc=1 ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
 done

@@ -41,6 +41,7 @@ class ParallelGroups:
     expert_self: dist.ProcessGroup | None = None  # an expert rank alone (Megatron's expert TP/EP/DP of its MLPs)
     # degraded inference (create_survivor_groups): lost expert rank -> this stage's dispatch group
     # without it, and -> the world without it
+    liveness: object = None  # this process's LivenessMonitor (set by runtime.job.run), for degraded inference
     survivors: dict[int, dist.ProcessGroup] = field(default_factory=dict)
     survivor_world: dict[int, dist.ProcessGroup] = field(default_factory=dict)
 

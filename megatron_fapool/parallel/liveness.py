@@ -11,8 +11,8 @@ A rank that finishes normally marks itself done and is never reported.
 Degraded inference (MA separation, ``on_expert_loss: degrade``) survives the loss of an
 expert rank: :meth:`LivenessMonitor.tolerate` names ranks whose loss is only reported,
 and :meth:`LivenessMonitor.silent_s` tells how long a rank's heartbeat has not moved
-(the recovery uses it to tell a dead rank from a slow one). :func:`active` is the
-monitor this process started.
+(the recovery uses it to tell a dead rank from a slow one). The job hands the monitor
+to its work as ``groups.liveness`` (``runtime/job.py``).
 """
 
 from __future__ import annotations
@@ -24,16 +24,10 @@ import time
 
 import torch.distributed as dist
 
-__all__ = ["LivenessMonitor", "active"]
+__all__ = ["LivenessMonitor"]
 
 _DONE = b"done"
 EXIT_CODE = 17
-_ACTIVE: "LivenessMonitor | None" = None
-
-
-def active() -> "LivenessMonitor | None":
-    """The monitor this process started (and has not stopped), if any."""
-    return _ACTIVE
 
 
 class LivenessMonitor:
@@ -67,8 +61,6 @@ class LivenessMonitor:
         return f"{self.prefix}/{r}"
 
     def start(self) -> "LivenessMonitor":
-        global _ACTIVE
-        _ACTIVE = self
         self.store.set(self._key(self.rank), "0")
         self._thread = threading.Thread(target=self._run, name="fapool-liveness", daemon=True)
         self._thread.start()
@@ -77,9 +69,6 @@ class LivenessMonitor:
     def stop(self, *, done: bool = True) -> None:
         """Mark this rank as finished normally and stop watching (``done=False``: stop watching only, as a
         rank that is failing on its own does, so that it reports nothing else on its way out)."""
-        global _ACTIVE
-        if _ACTIVE is self:
-            _ACTIVE = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -18,6 +18,7 @@ group is destroyed.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ from ..attention.pool import PoolServer
 from ..config import RunConfig
 from ..parallel import Layout, ParallelGroups, initialize_parallel_groups, layout_from_config
 from ..parallel.liveness import LivenessMonitor
+from ..parallel.service import PeerLost
 from . import init_distributed, log0, world_from_env
 
 __all__ = ["BaseWork", "describe_rank", "layout_of", "run", "serve_pool"]
@@ -63,14 +65,27 @@ def describe_rank(cfg: RunConfig, layout: Layout, rank: int) -> str:
     return f"expert rank {rank} (experts {ids.start}-{ids.stop - 1})"
 
 
+def _exit_naming(e: PeerLost, monitor: LivenessMonitor) -> None:
+    """A lost peer, named: one line and out at once (no teardown: a peer is gone)."""
+    monitor.stop(done=False)  # it would only add "lost the store" once rank 0 is gone
+    rank = dist.get_rank()
+    print(f"fapool: error: [rank {rank}] {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if rank == 0 and not os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
+        time.sleep(2.0)  # this process hosts the rendezvous store: let the others say why they stop
+    os._exit(1)
+
+
 def run(cfg: RunConfig, layout: Layout, base_work: BaseWork, *, expert_work: BaseWork | None = None,
-        timeout_s: float = 600.0) -> int:
+        timeout_s: float = 600.0, exit_on_peer_lost: bool = False) -> int:
     """Run one job on this rank: start-up, ``base_work`` (base ranks), serving (pool ranks) or
     ``expert_work`` (expert ranks, MA separation), teardown.
 
     ``timeout_s`` bounds every collective (a pool rank waits this long for its base rank).
     Returns 0. An exception leaves without the teardown on purpose: the liveness monitor
     must not mark this rank as finished, so the other ranks report it as lost and exit.
+    With ``exit_on_peer_lost`` a lost peer (:class:`PeerLost`) is one line naming it and
+    exit code 1 at once. The work functions reach the liveness monitor as ``groups.liveness``.
     """
     if layout.num_expert and expert_work is None:
         raise ValueError("this layout has expert ranks (MA separation): pass expert_work")
@@ -84,14 +99,20 @@ def run(cfg: RunConfig, layout: Layout, base_work: BaseWork, *, expert_work: Bas
     log0("== layout ==\n" + layout.describe())
     t0 = time.perf_counter()
     groups = initialize_parallel_groups(layout, timeout_s=timeout_s)
+    groups.liveness = monitor
     log0(f"== groups created in {time.perf_counter() - t0:.2f}s ==")
 
-    if groups.is_base:
-        base_work(groups, device)
-    elif groups.is_pool:
-        serve_pool(groups, device)
-    else:
-        expert_work(groups, device)
+    try:
+        if groups.is_base:
+            base_work(groups, device)
+        elif groups.is_pool:
+            serve_pool(groups, device)
+        else:
+            expert_work(groups, device)
+    except PeerLost as e:
+        if not exit_on_peer_lost:
+            raise
+        _exit_naming(e, monitor)
     dist.barrier()
     monitor.stop()
     dist.destroy_process_group()

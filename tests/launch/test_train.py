@@ -15,26 +15,19 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import sysconfig
 import threading
 import time
 
 import pytest
 import torch
 
-from megatron_fapool.testing.distributed import find_free_port
+from megatron_fapool.testing.launch import build_corpus, launch_command, read_metrics, run_ok, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = os.path.join(ROOT, "launch", "train.py")
 TINY = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
-BIN = os.path.dirname(sys.executable)
 ITERS = 20
 SEQ = 256  # threshold 128: short documents stay local, longer ones use the pool
 
-
-def _env():
-    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _config(path, *, pool: bool, mutate=None) -> str:
@@ -48,37 +41,17 @@ def _config(path, *, pool: bool, mutate=None) -> str:
     return str(path)
 
 
-def _launch(launcher: str, nproc: int, args: list[str]) -> list[str]:
-    port = str(find_free_port())
-    if launcher == "deepspeed":
-        return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, TRAIN, *args]
-    return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, TRAIN, *args]
-
 
 def _train_args(cfg, data, metrics, *extra) -> list[str]:
     return ["--deepspeed_config", cfg, "--data-path", data, "--train-iters", str(ITERS), "--seq-length", str(SEQ),
             "--log-interval", "1", "--metrics-file", str(metrics), *extra]
 
 
-def _run(cmd, timeout=300):
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    return proc
-
-
-def _metrics(path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in open(path)]
-    return {r["iteration"]: r for r in rows}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    stdlib = sysconfig.get_paths()["stdlib"]
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", stdlib,
-                    "--output-prefix", str(out), "--max-files", "60", "--seed", "3"],
-                   env=_env(), check=True, capture_output=True, timeout=120)
-    return str(out)
+    return build_corpus(str(tmp_path_factory.mktemp("data") / "stdlib"))
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +59,9 @@ def straight_run(corpus, tmp_path_factory):
     """Pool on, deepspeed launcher, checkpoints every 10 iterations."""
     d = tmp_path_factory.mktemp("pool_on")
     cfg = _config(d / "cfg.json", pool=True)
-    proc = _run(_launch("deepspeed", 4, _train_args(cfg, corpus, d / "m.jsonl", "--save", str(d / "ckpt"),
-                                                    "--save-interval", "10")))
-    return {"dir": d, "cfg": cfg, "metrics": _metrics(d / "m.jsonl"), "stdout": proc.stdout}
+    args = _train_args(cfg, corpus, d / "m.jsonl", "--save", str(d / "ckpt"), "--save-interval", "10")
+    proc = run_ok(launch_command("deepspeed", 4, "train", args))
+    return {"dir": d, "cfg": cfg, "metrics": read_metrics(d / "m.jsonl"), "stdout": proc.stdout}
 
 
 def test_pool_on_equals_pool_off(straight_run, corpus, tmp_path):
@@ -103,8 +76,8 @@ def test_pool_on_equals_pool_off(straight_run, corpus, tmp_path):
     assert "served 0 forward" not in out
 
     cfg_off = _config(tmp_path / "off.json", pool=False)
-    _run(_launch("torchrun", 2, _train_args(cfg_off, corpus, tmp_path / "off.jsonl")))
-    off = _metrics(tmp_path / "off.jsonl")
+    run_ok(launch_command("torchrun", 2, "train", _train_args(cfg_off, corpus, tmp_path / "off.jsonl")))
+    off = read_metrics(tmp_path / "off.jsonl")
     assert sorted(off) == sorted(on)
     for it in on:
         a, b = on[it]["loss"], off[it]["loss"]
@@ -125,10 +98,11 @@ def test_data_parallel_zero2_with_accumulation(corpus, tmp_path):
     equal the same run at ZeRO-0 without the pool; DeepSpeed's csv monitor gets our metrics."""
     iters = ["--train-iters", "6"]
     on = _config(tmp_path / "on.json", pool=True, mutate=lambda d: _dp2(d, pool=True, stage=2, tmp=tmp_path / "on"))
-    off = _config(tmp_path / "off.json", pool=False, mutate=lambda d: _dp2(d, pool=False, stage=0, tmp=tmp_path / "off"))
-    out = _run(_launch("deepspeed", 4, _train_args(on, corpus, tmp_path / "on.jsonl") + iters)).stdout
-    _run(_launch("torchrun", 2, _train_args(off, corpus, tmp_path / "off.jsonl") + iters))
-    a, b = _metrics(tmp_path / "on.jsonl"), _metrics(tmp_path / "off.jsonl")
+    off = _config(tmp_path / "off.json", pool=False,
+                  mutate=lambda d: _dp2(d, pool=False, stage=0, tmp=tmp_path / "off"))
+    out = run_ok(launch_command("deepspeed", 4, "train", _train_args(on, corpus, tmp_path / "on.jsonl") + iters)).stdout
+    run_ok(launch_command("torchrun", 2, "train", _train_args(off, corpus, tmp_path / "off.jsonl") + iters))
+    a, b = read_metrics(tmp_path / "on.jsonl"), read_metrics(tmp_path / "off.jsonl")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for it in a:
         assert abs(a[it]["loss"] - b[it]["loss"]) <= 1e-4 * abs(b[it]["loss"]), (it, a[it]["loss"], b[it]["loss"])
@@ -172,7 +146,7 @@ def _kill_when(proc, pattern: str, rank: int, found: dict):
 
 def _run_and_kill(launcher: str, args, pattern: str, rank: int) -> tuple[int, dict]:
     """Launch 4 ranks, SIGKILL ``rank`` once ``pattern`` is printed; (exit code, what :func:`_kill_when` saw)."""
-    proc = subprocess.Popen(_launch(launcher, 4, args), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(launch_command(launcher, 4, "train", args), env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     found: dict = {}
     reader = threading.Thread(target=_kill_when, args=(proc, pattern, rank, found), daemon=True)
@@ -197,10 +171,11 @@ def test_sigkill_then_resume_loses_nothing_saved(straight_run, corpus, tmp_path)
     assert (ckpt / "latest").read_text() == "iter_0000010"
 
     resumed = tmp_path / "resumed.jsonl"
-    proc2 = _run(_launch("deepspeed", 4, _train_args(straight_run["cfg"], corpus, resumed, "--save", str(ckpt),
-                                                     "--save-interval", "5", "--load", str(ckpt))))
+    args = _train_args(straight_run["cfg"], corpus, resumed, "--save", str(ckpt), "--save-interval", "5",
+                       "--load", str(ckpt))
+    proc2 = run_ok(launch_command("deepspeed", 4, "train", args))
     assert "resumed from" in proc2.stdout and "at iteration 10" in proc2.stdout
-    after = _metrics(resumed)
+    after = read_metrics(resumed)
     assert sorted(after) == list(range(11, ITERS + 1))
     straight = straight_run["metrics"]
     for it in after:  # the resumed run continues exactly as the uninterrupted one

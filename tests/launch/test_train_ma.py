@@ -21,27 +21,20 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import sysconfig
 import threading
 import time
 
 import pytest
 import torch
 
-from megatron_fapool.testing.distributed import find_free_port
+from megatron_fapool.testing.launch import build_corpus, launch_command, read_metrics, run_ok, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = os.path.join(ROOT, "launch", "train.py")
 MA = os.path.join(ROOT, "configs", "tiny_moe_ma.json")
-BIN = os.path.dirname(sys.executable)
 ITERS = 20
 SEQ = 256
 REL = 1e-4
 
-
-def _env():
-    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _config(path, *, ma: bool, stage: int = 1, mutate=None) -> str:
@@ -60,26 +53,12 @@ def _config(path, *, ma: bool, stage: int = 1, mutate=None) -> str:
     return str(path)
 
 
-def _launch(launcher: str, nproc: int, args: list[str]) -> list[str]:
-    port = str(find_free_port())
-    if launcher == "deepspeed":
-        return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, TRAIN, *args]
-    return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, TRAIN, *args]
-
 
 def _train_args(cfg, data, metrics, *extra) -> list[str]:
     return ["--deepspeed_config", cfg, "--data-path", data, "--train-iters", str(ITERS), "--seq-length", str(SEQ),
             "--log-interval", "1", "--metrics-file", str(metrics), *extra]
 
 
-def _run(cmd, timeout=300):
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    return proc
-
-
-def _metrics(path) -> dict[int, dict]:
-    return {r["iteration"]: r for r in (json.loads(line) for line in open(path))}
 
 
 def _close(a: float, b: float) -> bool:
@@ -88,12 +67,7 @@ def _close(a: float, b: float) -> bool:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    stdlib = sysconfig.get_paths()["stdlib"]
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", stdlib,
-                    "--output-prefix", str(out), "--max-files", "60", "--seed", "3"],
-                   env=_env(), check=True, capture_output=True, timeout=120)
-    return str(out)
+    return build_corpus(str(tmp_path_factory.mktemp("data") / "stdlib"))
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +75,8 @@ def colocated(corpus, tmp_path_factory):
     """The same MoE model on 3 base ranks (experts on every rank), ZeRO 1."""
     d = tmp_path_factory.mktemp("colocated")
     cfg = _config(d / "cfg.json", ma=False)
-    proc = _run(_launch("torchrun", 3, _train_args(cfg, corpus, d / "m.jsonl")))
-    return {"metrics": _metrics(d / "m.jsonl"), "stdout": proc.stdout}
+    proc = run_ok(launch_command("torchrun", 3, "train", _train_args(cfg, corpus, d / "m.jsonl")))
+    return {"metrics": read_metrics(d / "m.jsonl"), "stdout": proc.stdout}
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +84,9 @@ def ma_run(corpus, tmp_path_factory):
     """MA separation 3 + 1, ZeRO 1, deepspeed launcher, checkpoints every 5 iterations."""
     d = tmp_path_factory.mktemp("ma")
     cfg = _config(d / "cfg.json", ma=True)
-    proc = _run(_launch("deepspeed", 4, _train_args(cfg, corpus, d / "m.jsonl", "--save", str(d / "ckpt"),
-                                                    "--save-interval", "5")))
-    return {"dir": d, "cfg": cfg, "metrics": _metrics(d / "m.jsonl"), "stdout": proc.stdout}
+    args = _train_args(cfg, corpus, d / "m.jsonl", "--save", str(d / "ckpt"), "--save-interval", "5")
+    proc = run_ok(launch_command("deepspeed", 4, "train", args))
+    return {"dir": d, "cfg": cfg, "metrics": read_metrics(d / "m.jsonl"), "stdout": proc.stdout}
 
 
 def _assert_equal_runs(ma: dict, colo: dict, iterations) -> None:
@@ -157,11 +131,13 @@ def test_ma_zero2_pingpong_equals_colocated(corpus, colocated, tmp_path):
         data["fapool"]["ma_separation"]["micro_batches"] = 2
 
     cfg = _config(tmp_path / "cfg.json", ma=True, stage=2, mutate=pingpong)
-    proc = _run(_launch("torchrun", 4, _train_args(cfg, corpus, tmp_path / "m.jsonl") + ["--train-iters", str(iters)]))
+    args = _train_args(cfg, corpus, tmp_path / "m.jsonl") + ["--train-iters", str(iters)]
+    proc = run_ok(launch_command("torchrun", 4, "train", args))
     served = re.search(r"expert rank 0 \(experts 0-15\): served (\d+) forward / (\d+) backward", proc.stdout)
-    assert served and int(served.group(1)) == int(served.group(2)) == iters * 2 * 2 * 2  # x accumulation x layers x parts
+    # iterations x accumulation x MoE layers x parts
+    assert served and int(served.group(1)) == int(served.group(2)) == iters * 2 * 2 * 2
     colo = {it: r for it, r in colocated["metrics"].items() if it <= iters}
-    _assert_equal_runs(_metrics(tmp_path / "m.jsonl"), colo, range(1, iters + 1))
+    _assert_equal_runs(read_metrics(tmp_path / "m.jsonl"), colo, range(1, iters + 1))
 
 
 def test_checkpoint_holds_the_expert_rank(ma_run):
@@ -203,7 +179,7 @@ def test_sigkill_of_the_expert_rank_then_resume(ma_run, corpus, tmp_path):
     on iteration 10; --load resumes there and reproduces the uninterrupted run exactly."""
     ckpt = tmp_path / "ckpt"
     args = _train_args(ma_run["cfg"], corpus, tmp_path / "killed.jsonl", "--save", str(ckpt), "--save-interval", "5")
-    proc = subprocess.Popen(_launch("torchrun", 4, args), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(launch_command("torchrun", 4, "train", args), env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     found: dict = {}
     reader = threading.Thread(target=_kill_when, args=(proc, f"iteration {12:>8d}/", 3, found), daemon=True)
@@ -224,10 +200,10 @@ def test_sigkill_of_the_expert_rank_then_resume(ma_run, corpus, tmp_path):
     assert (ckpt / "latest").read_text() == "iter_0000010"
 
     resumed = tmp_path / "resumed.jsonl"
-    proc2 = _run(_launch("torchrun", 4, _train_args(ma_run["cfg"], corpus, resumed, "--save", str(ckpt),
-                                                    "--save-interval", "5", "--load", str(ckpt))))
+    args = _train_args(ma_run["cfg"], corpus, resumed, "--save", str(ckpt), "--save-interval", "5", "--load", str(ckpt))
+    proc2 = run_ok(launch_command("torchrun", 4, "train", args))
     assert "resumed from" in proc2.stdout and "at iteration 10" in proc2.stdout
-    after, straight = _metrics(resumed), ma_run["metrics"]
+    after, straight = read_metrics(resumed), ma_run["metrics"]
     assert sorted(after) == list(range(11, ITERS + 1))
     for it in after:
         for key in ("loss", "grad_norm", "load_balancing_loss", "z_loss", "learning_rate"):
