@@ -342,7 +342,8 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
                   pp_group=parallel_state.get_pipeline_model_parallel_group(), greedy=not args.sampling,
                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, decode_batch=args.decode_batch,
                   token_limit=tok.vocab_size, stop_token=tok.eod if args.stop_at_eod else None, lockstep=lockstep,
-                  on_step=on_step)
+                  on_step=on_step,
+                  parts=cfg.fapool.ma_separation.micro_batches if cfg.fapool.ma_separation.enabled else 1)
     results = []
     profiler = cProfile.Profile() if args.profile_out and dist.get_rank() == 0 else None
     for i, (name, requests, texts) in enumerate(batches):

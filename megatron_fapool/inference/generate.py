@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.rope import PositionalRotaryEmbedding
+from ..moe.pingpong import run_parts
 from ..parallel.service import PeerLost
 
 __all__ = ["Generation", "Request", "RequestError", "generate", "validate_requests"]
@@ -120,6 +121,20 @@ def _next_tokens(model, ids, positions: list[int], device, tp_group, pp_group, p
     return tokens.tolist()
 
 
+def _decode_in_parts(model, session, request_ids, ids, positions, n_parts: int, device, tp_group, pick) -> list[int]:
+    """One decode step of a batch as ``n_parts`` ping-pong parts, each its own session step; the rows' tokens."""
+    cuts = torch.arange(len(request_ids)).tensor_split(n_parts)
+    pos = torch.tensor(positions, device=device)[:, None]
+
+    def part(rows):
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        with session.step(request_ids[lo:hi], "decode"):
+            return model(ids[lo:hi], pos[lo:hi], None)[:, -1].float()
+
+    last = torch.cat(run_parts([lambda rows=rows: part(rows) for rows in cuts], device=device), dim=0)
+    return _pick_rows(_gather_tp(last.contiguous(), tp_group), pick)
+
+
 def _pick_rows(logits, pick) -> list[int]:
     if pick["greedy"]:
         limit = pick["limit"]
@@ -158,7 +173,7 @@ def _plan(requests: list[Request], results: dict, decode_batch: int, stop_token)
 def generate(model, session, requests: list[Request], *, vocab_size: int, max_positions: int, device,
              tp_group=None, pp_group=None, greedy: bool = True, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
              stop_token: int | None = None, token_limit: int | None = None, decode_batch: int = 0, lockstep=None,
-             on_step=None) -> list[Generation]:
+             on_step=None, parts: int = 1) -> list[Generation]:
     """Serve ``requests``; returns one :class:`Generation` per request, in order.
 
     Prefill runs one request per forward; decode runs ``decode_batch`` requests per
@@ -172,6 +187,11 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
     empty). A step that failed on any replica because an expert rank was lost is undone
     (K/V caches, sampler) and redone once the lockstep has recovered, or the error is
     raised. ``on_step(kind, batch_size)`` is called after each step of this replica.
+
+    ``parts`` (MA separation's ping-pong, ``ma_separation.micro_batches``): a decode step's
+    batch runs as that many parts taking turns (:mod:`megatron_fapool.moe.pingpong`), so one
+    part's attention overlaps another's experts; at most one part per request, and in
+    lockstep the smallest step of any replica sets it. Tokens do not change.
     """
     validate_requests(requests, vocab_size=vocab_size, max_positions=max_positions)
     if getattr(model, "position_embedding_type", None) == "rope" and not isinstance(
@@ -185,7 +205,12 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
     pick = dict(greedy=greedy, temperature=temperature, top_k=top_k, generator=gen, limit=token_limit)
     results = {r.id: Generation(id=r.id, prompt_len=len(r.prompt)) for r in requests}
 
-    def run(step) -> list[int]:
+    if parts < 1:
+        raise RequestError(f"parts must be >= 1, got {parts}")
+    if parts > 1 and pp_group is not None and dist.get_world_size(pp_group) > 1:
+        raise RequestError("ping-pong parts need one pipeline stage")
+
+    def run(step, n_parts: int) -> list[int]:
         kind, batch = step
         if kind == "prefill":
             ids = torch.tensor([batch[0].prompt], dtype=torch.long, device=device)
@@ -194,8 +219,14 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
         outs = [results[r.id] for r in batch]
         ids = torch.tensor([[o.tokens[-1]] for o in outs], dtype=torch.long, device=device)
         positions = [o.prompt_len + len(o.tokens) - 1 for o in outs]
+        if n_parts > 1:
+            return _decode_in_parts(model, session, [r.id for r in batch], ids, positions, n_parts, device,
+                                    tp_group, pick)
         with session.step([r.id for r in batch], "decode"):
             return _next_tokens(model, ids, positions, device, tp_group, pp_group, pick)
+
+    def step_parts(step) -> int:
+        return min(parts, len(step[1])) if step[0] == "decode" else 1
 
     def commit(step, tokens: list[int], t0: float) -> None:
         kind, batch = step
@@ -221,9 +252,9 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
         if lockstep is None:
             for step in plan:
                 t0 = time.perf_counter()
-                commit(step, run(step), t0)
+                commit(step, run(step, step_parts(step)), t0)
         else:
-            _in_lockstep(plan, run, commit, session, gen, lockstep, results)
+            _in_lockstep(plan, run, commit, session, gen, lockstep, results, parts)
         for r in requests:
             results[r.id].kv_tokens_on_base = session.tokens_held(r.id)
     finally:
@@ -232,11 +263,12 @@ def generate(model, session, requests: list[Request], *, vocab_size: int, max_po
     return [results[r.id] for r in requests]
 
 
-def _in_lockstep(plan, run, commit, session, gen, lockstep, results) -> None:
+def _in_lockstep(plan, run, commit, session, gen, lockstep, results, parts: int) -> None:
     """Run ``plan``'s steps in lockstep with the other attention replicas (see :func:`generate`)."""
     step = next(plan, None)
     t0 = None  # when the current step was first tried (a redone step's time includes the recovery)
-    while lockstep.any_work(step is not None):
+    rows = lambda s: len(s[1]) if s is not None and s[0] == "decode" else 1  # noqa: E731
+    while lockstep.any_work(step is not None, rows=rows(step), parts=parts):
         t0 = time.perf_counter() if t0 is None else t0
         mark = session.mark([r.id for r in step[1]]) if step is not None else None
         sampler = gen.get_state()
@@ -245,7 +277,7 @@ def _in_lockstep(plan, run, commit, session, gen, lockstep, results) -> None:
             if step is None:
                 lockstep.idle()
             else:
-                tokens = run(step)
+                tokens = run(step, lockstep.parts)
         except PeerLost as e:
             error = e
         if lockstep.failed(error):  # on some replica: recovered (or raised), now redo this step

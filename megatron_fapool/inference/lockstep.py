@@ -58,22 +58,29 @@ class Lockstep:
         self.idle_steps = 0
         self.redone_steps = 0
         self.lost: list[int] = []  # expert ranks lost and survived, in order
+        self.parts = 1  # ping-pong parts of the current step (any_work agrees on them)
 
     def _max(self, values) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t.tolist()
 
-    def any_work(self, has_work: bool) -> bool:
-        """Whether any attention replica has a step to run (collective over the attention ranks)."""
-        (more,) = self._max([int(has_work)])
+    def any_work(self, has_work: bool, rows: int = 1, parts: int = 1) -> bool:
+        """Whether any attention replica has a step to run (collective over the attention ranks).
+
+        Also agrees on :attr:`parts`, the ping-pong parts of this step: at most ``parts``
+        (the configured split) and at most the ``rows`` (requests) of the smallest step any
+        replica runs, so that every replica calls the expert ranks the same number of times.
+        """
+        more, neg_rows = self._max([int(has_work), -(rows if has_work else parts)])
+        self.parts = max(1, min(parts, -neg_rows))
         if more:
             self.steps += 1
         return bool(more)
 
     def idle(self) -> None:
         """This replica's part of a step it has no work for."""
-        self.client.idle_step(self.device, self.dtype, self.hidden)
+        self.client.idle_step(self.device, self.dtype, self.hidden, parts=self.parts)
         self.idle_steps += 1
 
     def failed(self, error: PeerLost | None) -> bool:

@@ -33,6 +33,7 @@ from ..attention import Dense, Pooled
 from ..attention.kernels import BackendSelector, local_attention
 from ..attention.pool import PooledAttention
 from ..attention.pool.decode import KVShardStore, PoolKVCache, decode_partial
+from ..moe.pingpong import current_part
 
 __all__ = ["InferenceSession", "KVCached"]
 
@@ -53,7 +54,7 @@ class InferenceSession:
         self.pooled = PoolKVCache(pool.client, backend=backend) if pool is not None else None
         self.unpooled = KVShardStore()  # whole K/V of the requests that stayed on this rank
         self.members: dict[int, int] = {}  # request -> 1 (local) or base + active pool ranks
-        self.current: _Step | None = None
+        self._current: dict = {}  # ping-pong part (None outside ping-pong) -> the step it runs
         self.forwards = {"prefill": 0, "decode": 0}  # forwards served, by mode
         self.decode_rows = 0  # request-tokens decoded (a batch of b counts b)
 
@@ -78,14 +79,22 @@ class InferenceSession:
                 raise KeyError(f"request {r} has no KV cache: prefill it first")
         if mode == "prefill" and self.pool is not None:
             self.pool.manager.new_step()
-        self.current = _Step(requests, mode)
+        part = current_part()
+        key = None if part is None else part.index
+        self._current[key] = _Step(requests, mode)
         self.forwards[mode] += 1
         if mode == "decode":
             self.decode_rows += len(requests)
         try:
             yield
         finally:
-            self.current = None
+            self._current.pop(key, None)
+
+    @property
+    def current(self) -> _Step | None:
+        """The step the calling forward runs (each ping-pong part of a decode step runs its own rows)."""
+        part = current_part()
+        return self._current.get(None if part is None else part.index)
 
     def mark(self, requests) -> tuple:
         """What a forward of ``requests`` may change in this session, so that :meth:`restore` can undo a

@@ -137,19 +137,21 @@ class ExpertClient(ServiceClient):
         """End the expert ranks' loops (every attention rank of the stage sends it)."""
         self.send_header(device, op=SHUTDOWN)
 
-    def idle_step(self, device, dtype: torch.dtype, hidden: int) -> None:
+    def idle_step(self, device, dtype: torch.dtype, hidden: int, parts: int = 1) -> None:
         """One forward call of no rows for every registered layer, in order, without running a model.
 
         Inference with several attention replicas: every attention rank of a stage must
         call the MoE layers in lockstep, so a replica with no work left runs these while
-        the others run a real step.
+        the others run a real step; with ``parts`` ping-pong parts, in their turn order
+        (layer 0 of every part, then layer 1, ...).
         """
         x = torch.empty(0, hidden, dtype=dtype, device=device)
         probs = torch.empty(0, dtype=torch.float32, device=device)
         none = torch.zeros(self.total_experts, dtype=torch.int64)
         for layer in range(self.layers):
-            self.forward(layer, x, probs, none, save=False)
-            self.stats.idle_calls += 1
+            for part in range(parts):
+                self.forward(layer, x, probs, none, save=False, micro=part)
+                self.stats.idle_calls += 1
 
     @property
     def next_call_id(self) -> int:

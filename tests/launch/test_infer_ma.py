@@ -195,6 +195,23 @@ def test_colocated_replicas_and_ma_3_plus_1_serve_the_reference_tokens(checkpoin
     assert "expert rank for experts 0-15: served" in proc.stdout and "== MA separation ==" in proc.stdout
 
 
+def test_decode_ping_pong_serves_the_reference_tokens(checkpoint, tmp_path):
+    """1 attention + 1 expert rank, micro_batches 2: each decode step of the 5 requests runs as 2
+    parts taking turns (prefills, one request each, as 1); the tokens do not change."""
+    data = json.load(open(MA))
+    data["fapool"]["model_yaml"] = os.path.join(ROOT, "configs", "models", "tiny_moe.yaml")
+    data["fapool"]["ma_separation"].update(attention_expert_ratio="1:1", micro_batches=2)
+    cfg = tmp_path / "pingpong.json"
+    cfg.write_text(json.dumps(data))
+    _, ma = _torchrun(2, str(cfg), ["--load", checkpoint["ma_dir"], *_prompt_args(NEW)], tmp_path / "pp.json")
+    assert _tokens(ma) == checkpoint["tokens"]
+    (attention,) = ma["ma_separation"]["attention"]
+    (expert,) = ma["ma_separation"]["experts"]
+    prefills = len(PROMPTS)
+    decodes = attention["steps"] - prefills
+    assert decodes == NEW - 1 and expert["forward_calls"] == 2 * (prefills + 2 * decodes)  # 2 layers x parts
+
+
 def _config(tmp_path, mode: str) -> str:
     data = json.load(open(MA))
     data["fapool"]["model_yaml"] = os.path.join(ROOT, "configs", "models", "tiny_moe.yaml")
