@@ -79,7 +79,7 @@ class ExpertClient(ServiceClient):
     def _move(self, out, inp, out_rows, in_rows, what: str, async_op: bool = False):
         g = self.geometry
         return all_to_all(out, inp, out_rows, in_rows, self.control_group, what=f"attention rank {self.rank}: {what}",
-                          peers=g.expert_ranks, stats=self.stats, async_op=async_op)
+                          peers=g.others(self.rank), stats=self.stats, async_op=async_op)
 
     def forward(self, layer: int, x: torch.Tensor, probs: torch.Tensor, tokens_per_expert: torch.Tensor, *,
                 save: bool, micro: int = 0, pause=None) -> tuple[torch.Tensor, int]:

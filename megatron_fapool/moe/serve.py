@@ -226,4 +226,4 @@ class ExpertServer(ServiceMember):
 
     def move(self, out, inp, out_rows, in_rows, what: str):
         return all_to_all(out, inp, out_rows, in_rows, self.control_group, what=f"expert rank {self.rank}: {what}",
-                          peers=self.leaders, stats=self.stats)
+                          peers=self.geometry.others(self.rank), stats=self.stats)

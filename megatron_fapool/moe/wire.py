@@ -60,6 +60,10 @@ class DispatchGeometry:
     def expert_ranks(self) -> tuple[int, ...]:
         return self.members[self.num_attention:]
 
+    def others(self, rank: int) -> tuple[int, ...]:
+        """The members a failed all-to-all of ``rank`` may have lost (any of them: every pair exchanges)."""
+        return tuple(m for m in self.members if m != rank)
+
     def expert_ids(self, j: int) -> range:
         """Global expert ids owned by the stage's expert rank ``j`` (its slot's block)."""
         k = self.experts_per_rank
@@ -114,6 +118,9 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, grou
                async_op: bool = False):
     """``all_to_all_single`` with exact splits along dim 0; a failure names ``peers``.
 
+    Every member of a dispatch group exchanges with every other one (even a zero-row split
+    is a message), so a lost member fails every member's all-to-all: name all the others.
+
     Returns ``out``, or with ``async_op`` the work handle (``out`` is valid after its ``wait()``).
     """
     work = named_failure(what, peers, dist.all_to_all_single, out, inp.contiguous(), list(out_splits),
@@ -144,7 +151,7 @@ def exchange_headers(geom: DispatchGeometry, group, device, *, header: Header | 
     if device.type == "cuda":  # pinned and non-blocking, as the pool's headers (service.int64_tensor)
         send = send.pin_memory().to(device, non_blocking=True)
     recv = torch.empty_like(send)
-    peers = geom.expert_ranks if header is not None else geom.attention_ranks
+    peers = geom.others(dist.get_rank())
     work = all_to_all(recv, send, [1] * len(geom.members), [1] * len(geom.members), group, what=what, peers=peers,
                       stats=stats, async_op=async_op)
     return (recv, work, send) if async_op else recv
