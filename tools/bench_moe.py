@@ -64,10 +64,9 @@ from megatron_fapool.inference.session import InferenceSession, KVCached
 from megatron_fapool.models import gpt as gpt_models
 from megatron_fapool.models.specs import layer_spec_for
 from megatron_fapool.moe import predictor as P
-from megatron_fapool.testing.distributed import find_free_port
 from megatron_fapool.training.flops import step_flops
 
-from _common import DTYPES, default_tol, free_memory, rel_err, sync, time_fn
+from _common import DTYPES, default_tol, free_memory, megatron_world_of_one, rel_err, sync, time_fn
 
 PARTS = ("experts", "train", "decode")
 GPU = dict(expert_tokens="4096,8192,16384,32768", seq_length=None, decode_batches="1,4,16", prompt_len=2048,
@@ -740,30 +739,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg, dense = load_configs(args)
+        with megatron_world_of_one(args.device) as device:
+            return run(args, device, cfg, dense)
     except ConfigError as err:
         print(f"bench_moe: error: {err}", file=sys.stderr)
         return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available")
-    if args.device != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(0)
-        device = torch.device("cuda", 0)
-    else:
-        device = torch.device("cpu")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(find_free_port())
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                            **({"device_id": device} if device.type == "cuda" else {}))
-    try:
-        from megatron.core import parallel_state
-
-        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-        return run(args, device, cfg, dense)
-    except ConfigError as err:
-        print(f"bench_moe: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import math
-import os
 import socket
 import statistics
 import sys
@@ -62,9 +61,8 @@ from megatron_fapool.attention import kernels as K
 from megatron_fapool.config import ConfigError, load_run_config
 from megatron_fapool.models import gpt as gpt_models
 from megatron_fapool.moe import predictor as P
-from megatron_fapool.testing.distributed import find_free_port
 
-from _common import DTYPES, free_memory, time_fn
+from _common import DTYPES, free_memory, megatron_world_of_one, time_fn
 
 GPU_DEFAULTS = dict(seqlens="4096,8192,16384,32768,65536", batches="1,2", batch_max_tokens=32768,
                     decode_contexts="4096,16384", decode_batches="1,2,4,8,16,32,64",
@@ -416,38 +414,15 @@ class Calibration:
         return 1 if self.failures else 0
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available")
-    if choice != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(0)
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args)
+        with megatron_world_of_one(args.device) as device:  # Megatron's layers want its groups
+            return Calibration(args, device, cfg).run()
     except ConfigError as err:
         print(f"calibrate_ma: error: {err}", file=sys.stderr)
         return 2
-    device = _device(args.device)
-    # Megatron's layers want its groups: a world of one process
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(find_free_port())
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                            **({"device_id": device} if device.type == "cuda" else {}))
-    try:
-        from megatron.core import parallel_state
-
-        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-        return Calibration(args, device, cfg).run()
-    except ConfigError as err:
-        print(f"calibrate_ma: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
