@@ -1,7 +1,8 @@
 """Run a test body on N ranks in separate processes, with a hard timeout.
 
 Every rank is a fresh process (``spawn``), with ``torch.distributed`` initialised on
-gloo over a free localhost port. The parent waits for all ranks; if any rank raises,
+gloo through a rendezvous store the parent holds (on a port the OS picked as it bound,
+so runs side by side never race for one). The parent waits for all ranks; if any rank raises,
 the whole run fails with that rank's traceback; if the run takes longer than
 ``timeout`` seconds (a hung collective), every rank is killed and the run fails, so a
 hang costs seconds, never a CI job.
@@ -40,6 +41,8 @@ def find_free_port() -> int:
 
 
 def _rank_main(fn, rank, world_size, port, backend, env, args, results, collective_timeout):
+    """One rank: joins the parent's store (the parent holds the listening port, so no two runs
+    can race for it), initialises the default group, runs ``fn``, reports."""
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -54,8 +57,9 @@ def _rank_main(fn, rank, world_size, port, backend, env, args, results, collecti
 
     torch.set_num_threads(1)
     try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=collective_timeout))
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
         )
         value = fn(rank, world_size, *args)
         # Serialise here: tensors put on the queue directly are shared through file
@@ -88,9 +92,15 @@ def run_distributed(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    import torch.distributed as dist
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = find_free_port()
+    # The rendezvous store lives here, on a port the OS picks as it binds: a port chosen first and
+    # bound later by rank 0 can be taken meanwhile by a test running beside this one.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=max(5.0, timeout)))
+    port = store.port
     env = {k: str(v) for k, v in (env or {}).items()}
     procs = [
         ctx.Process(
@@ -147,6 +157,7 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        del store
     import torch
 
     return [torch.load(io.BytesIO(collected[r][1]), weights_only=False) for r in range(world_size)]
