@@ -80,9 +80,10 @@ class ExpertStack(torch.nn.Module):
 
     def load_from_megatron(self, state: dict) -> None:
         """Copy this rank's experts out of a colocated Megatron state dict (``named_parameters`` names)."""
+        names = self.megatron_names()
         with torch.no_grad():
             for name, p in self.named_parameters():
-                p.copy_(state[self.megatron_names()[name]])
+                p.copy_(state[names[name]])
 
 
 @dataclass

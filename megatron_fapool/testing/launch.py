@@ -15,7 +15,7 @@ import sysconfig
 
 from .distributed import find_free_port
 
-__all__ = ["ROOT", "build_corpus", "launch_command", "read_metrics", "run_ok", "subprocess_env"]
+__all__ = ["ROOT", "build_corpus", "launch_command", "read_metrics", "run_ok", "subprocess_env", "train_args"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BIN = os.path.dirname(sys.executable)
@@ -56,3 +56,10 @@ def build_corpus(out_prefix: str, *, max_files: int = 60) -> str:
 def read_metrics(path) -> dict[int, dict]:
     """A ``--metrics-file``: iteration -> that iteration's metrics."""
     return {r["iteration"]: r for r in (json.loads(line) for line in open(path))}
+
+
+def train_args(cfg, data, metrics, *extra, iters: int, seq: int) -> list[str]:
+    """``launch/train.py`` flags of a test run: ``iters`` iterations of ``seq`` tokens, every iteration logged
+    and written to ``metrics``; ``extra`` flags after them (a repeated flag overrides)."""
+    return ["--deepspeed_config", str(cfg), "--data-path", str(data), "--train-iters", str(iters),
+            "--seq-length", str(seq), "--log-interval", "1", "--metrics-file", str(metrics), *extra]

@@ -21,13 +21,14 @@ import time
 import pytest
 import torch
 
-from megatron_fapool.testing.launch import build_corpus, launch_command, read_metrics, run_ok, subprocess_env
+from megatron_fapool.testing.launch import (
+    build_corpus, launch_command, read_metrics, run_ok, subprocess_env, train_args,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
 ITERS = 20
 SEQ = 256  # threshold 128: short documents stay local, longer ones use the pool
-
 
 
 def _config(path, *, pool: bool, mutate=None) -> str:
@@ -41,12 +42,8 @@ def _config(path, *, pool: bool, mutate=None) -> str:
     return str(path)
 
 
-
 def _train_args(cfg, data, metrics, *extra) -> list[str]:
-    return ["--deepspeed_config", cfg, "--data-path", data, "--train-iters", str(ITERS), "--seq-length", str(SEQ),
-            "--log-interval", "1", "--metrics-file", str(metrics), *extra]
-
-
+    return train_args(cfg, data, metrics, *extra, iters=ITERS, seq=SEQ)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +266,6 @@ def test_bad_flags_and_configs(rank0, tmp_path, corpus, extra, mutate, expected)
     args += [] if "--train-iters" in extra else ["--train-iters", "2"]
     line = _error_line(rank0("train", args + extra))
     assert expected in line, line
-
 
 
 def _model_yaml(tmp_path, old: str, new: str):

@@ -27,14 +27,15 @@ import time
 import pytest
 import torch
 
-from megatron_fapool.testing.launch import build_corpus, launch_command, read_metrics, run_ok, subprocess_env
+from megatron_fapool.testing.launch import (
+    build_corpus, launch_command, read_metrics, run_ok, subprocess_env, train_args,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MA = os.path.join(ROOT, "configs", "tiny_moe_ma.json")
 ITERS = 20
 SEQ = 256
 REL = 1e-4
-
 
 
 def _config(path, *, ma: bool, stage: int = 1, mutate=None) -> str:
@@ -53,12 +54,8 @@ def _config(path, *, ma: bool, stage: int = 1, mutate=None) -> str:
     return str(path)
 
 
-
 def _train_args(cfg, data, metrics, *extra) -> list[str]:
-    return ["--deepspeed_config", cfg, "--data-path", data, "--train-iters", str(ITERS), "--seq-length", str(SEQ),
-            "--log-interval", "1", "--metrics-file", str(metrics), *extra]
-
-
+    return train_args(cfg, data, metrics, *extra, iters=ITERS, seq=SEQ)
 
 
 def _close(a: float, b: float) -> bool:
