@@ -20,6 +20,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2", "pytest-xdist>=3"],
+        # the checkpoint converter's Hugging Face commands (export-hf, import-hf, verify of HF folders)
+        "hf": ["transformers>=5.23,<5.24", "safetensors>=0.8,<0.9"],
         # flash-attn builds from source against CUDA; optional (detected at import).
         "gpu": ["flash-attn>=2.6"],
     },

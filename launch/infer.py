@@ -365,7 +365,9 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
             gens = sorted((g for t, p, _, gs in gathered if t == 0 and p == 0 for g in gs), key=lambda g: g.id)
             wall = max(w for _, _, w, _ in gathered)
             print(_report(gens, [texts[g.id] for g in gens], tok, wall), flush=True)
-            rows = [dict(id=g.id, prompt_len=g.prompt_len, new_tokens=len(g.tokens), pooled=g.pooled,
+            prompts = {r.id: list(r.prompt) for r in requests}
+            rows = [dict(id=g.id, prompt_len=g.prompt_len, prompt_tokens=prompts[g.id], new_tokens=len(g.tokens),
+                         pooled=g.pooled,
                          ttft_s=g.ttft_s, tpot_s=g.tpot_s, done_s=g.done_s, decode_s=g.decode_s,
                          kv_tokens_on_base=g.kv_tokens_on_base, tokens=g.tokens, degraded_from=g.degraded_from)
                     for g in gens]

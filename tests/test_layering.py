@@ -11,6 +11,7 @@ and within a layer the module graph has no cycle:
   5  attention (the core-attention module), models
   6  data, training, inference
   7  runtime, testing
+  8  convert (checkpoint conversion: reads and writes every format, runs training's engines)
 
 launch/, tools/ and tests/ sit on top; nothing in the package imports them. Imports of
 other libraries (megatron, deepspeed, transformers) may be lazy; the package's own may not.
@@ -41,6 +42,7 @@ LAYERS = {
     "megatron_fapool.inference": 6,
     "megatron_fapool.runtime": 7,
     "megatron_fapool.testing": 7,
+    "megatron_fapool.convert": 8,
 }
 
 

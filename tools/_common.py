@@ -20,7 +20,6 @@ A tool imports it as ``from _common import ...``: Python puts a script's own fol
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import statistics
@@ -33,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_fapool.runtime import init_distributed
+from megatron_fapool.runtime.local import world_of_one
 from megatron_fapool.testing.compare import rel_err
-from megatron_fapool.testing.distributed import find_free_port
 from megatron_fapool.training.flops import dense_attention_forward_flops
 
 __all__ = [
@@ -114,22 +113,10 @@ def run_distributed(name: str, body: Callable[[torch.device, int, int], int], *,
     return code
 
 
-@contextlib.contextmanager
 def megatron_world_of_one(device: str = "auto"):
     """This process as a world of one with Megatron's groups (TP = PP = 1): a single-GPU tool's
     start-up (``--device auto|cuda|cpu``); yields the device, destroys the group on exit."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available")
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(find_free_port()))
-    dev = init_distributed(cpu=device == "cpu")
-    try:
-        from megatron.core import parallel_state
-
-        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-        yield dev
-    finally:
-        dist.destroy_process_group()
+    return world_of_one(device)
 
 
 def sync(device: torch.device) -> None:

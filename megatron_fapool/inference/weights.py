@@ -28,7 +28,8 @@ from ..config import ConfigError
 from ..moe.serve import megatron_expert_name
 from ..training import checkpoint as ckpt
 
-__all__ = ["EXPERT_KEY", "check_checkpoint", "expert_state", "load_attention_weights", "load_expert_weights"]
+__all__ = ["EXPERT_KEY", "check_checkpoint", "expert_state", "load_attention_weights", "load_expert_weights",
+           "read_manifest"]
 
 #: A colocated Megatron GPT model's expert parameter: (layer, global expert, rest of the name).
 EXPERT_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(.+)$")
@@ -38,7 +39,8 @@ def _saved_with_ma(meta: dict) -> bool:
     return bool(meta.get("model", {}).get("ma_separation", False))
 
 
-def _manifest(tag_dir: str) -> dict:
+def read_manifest(tag_dir: str) -> dict:
+    """An MA-separation checkpoint's expert manifest (which expert rank file holds which global experts)."""
     path = os.path.join(tag_dir, ckpt.EXPERTS_DIR, ckpt.MANIFEST)
     if not os.path.isfile(path):
         raise ConfigError("--load", f"{path} is missing: an MA-separation checkpoint without its expert manifest")
@@ -55,7 +57,7 @@ def check_checkpoint(meta: dict, run_config, tag_dir: str) -> None:
     ckpt.check_compatible({**meta, "model": have}, run_config, tag_dir)
     if not _saved_with_ma(meta):
         return
-    manifest = _manifest(tag_dir)
+    manifest = read_manifest(tag_dir)
     if manifest.get("layout", {}).get("pp", 1) != 1:
         raise ConfigError("--load", f"{tag_dir}: the experts were trained over pipeline stages; serving such a"
                                     " checkpoint is not built yet")
@@ -80,7 +82,7 @@ def expert_state(load_dir: str, tag: str, meta: dict, device, expert_ids=None) -
             if m and (wanted is None or int(m.group(2)) in wanted):
                 out[name] = t
         return out
-    for entry in _manifest(tag_dir)["expert_ranks"]:
+    for entry in read_manifest(tag_dir)["expert_ranks"]:
         ids = list(entry["experts"])
         if wanted is not None and not wanted & set(ids):
             continue

@@ -97,12 +97,22 @@ def expert_manifest(layout, num_experts: int) -> dict:
 
 
 def checkpoint_metadata(run_config, *, iteration: int, consumed_samples: int, data_parallel_size: int) -> dict:
+    """The marker: what the weights are (model shape, sharding, attention, dtype) and where training stood.
+
+    ``attention`` and ``dtype`` say what the checkpoint converter needs beyond the shape: a
+    dilated model has a dense model's weights but computes another function.
+    """
+    dil = run_config.fapool.dilated_attention
     return {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
         "consumed_samples": consumed_samples,
         "data_parallel_size": data_parallel_size,
         "model": model_shape(run_config),
+        "attention": ({"kind": "dilated", "segment_lengths": list(dil.segment_lengths),
+                       "dilation_rates": list(dil.dilation_rates)} if dil.enabled else {"kind": "dense"}),
+        "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[run_config.precision],
+        "zero_stage": int(run_config.deepspeed.get("zero_optimization", {}).get("stage", 0)),
         "config": os.path.abspath(run_config.json_path),
     }
 

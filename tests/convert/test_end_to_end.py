@@ -1,0 +1,157 @@
+"""tools/convert_checkpoint.py end to end on checkpoints of launch/train.py and folders of transformers.
+
+* export-hf of a tiny RoPE model (-> Arcee) and of a tiny learned-position model (-> our class,
+  trust_remote_code): the tool's own verification loads the export with
+  ``AutoModelForCausalLM.from_pretrained`` in a fresh process (megatron_fapool not imported) and
+  finds the same fp32 logits (1e-5) and greedy tokens as our model; the greedy tokens equal those
+  ``launch/infer.py --load`` generates from the original checkpoint;
+* ours -> HF -> ours through the CLI is bitwise;
+* import-hf of random-init ``ArceeForCausalLM`` and ``LlamaForCausalLM`` saved by transformers:
+  logits match HF's (the tool's verification), ``launch/train.py --load`` trains 10 iterations on
+  it and ``launch/infer.py --load`` serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from megatron_fapool.convert.sources import open_source
+from megatron_fapool.testing.launch import (
+    ROOT, build_corpus, launch_command, read_metrics, run_ok, subprocess_env, train_args,
+)
+
+from test_dist import write_config
+
+pytest.importorskip("transformers")
+
+TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
+PROMPTS = ["def main(", "import os\n"]
+NEW_TOKENS = 6
+
+
+def convert(*args, timeout=600) -> str:
+    proc = subprocess.run([sys.executable, TOOL, *map(str, args)], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-3000:])
+    return proc.stdout
+
+
+def verified(out: str) -> float:
+    """The relative logits difference the tool's verification printed; it must have passed."""
+    assert "verify: PASS" in out and "0 not bitwise equal" in out, out[-3000:]
+    assert "megatron_fapool imported there: no" in out or "B: ours" in out, out[-3000:]
+    rel = float(re.search(r"relative ([0-9.e+-]+) \(tolerance", out).group(1))
+    assert rel <= 1e-5 and "greedy 8 tokens identical: yes" in out, out[-3000:]
+    return rel
+
+
+def infer_tokens(cfg, load, tmp_path, *extra, nproc=1) -> list[list[int]]:
+    metrics = tmp_path / f"infer-{os.path.basename(str(load))}.json"
+    args = ["--deepspeed_config", str(cfg), "--load", str(load), "--max-new-tokens", str(NEW_TOKENS),
+            "--metrics-json", str(metrics), *extra]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    run_ok(launch_command("torchrun", nproc, "infer", args), timeout=300)
+    rows = json.loads(metrics.read_text())["workloads"][0]["requests"]
+    return [(r["prompt_tokens"], r["tokens"]) for r in sorted(rows, key=lambda r: r["id"])]
+
+
+def hf_greedy(hf_dir, prompts_and_tokens, tmp_path) -> list[list[int]]:
+    """Greedy tokens of the export in a fresh process with transformers alone (probe_hf.py)."""
+    rows = [torch.tensor(p) for p, _ in prompts_and_tokens]
+    torch.save(rows, tmp_path / "rows.pt")
+    script = shutil.copy(os.path.join(ROOT, "megatron_fapool", "convert", "probe_hf.py"), tmp_path)
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    remote = "auto_map" in json.loads((hf_dir / "config.json").read_text())
+    subprocess.run([sys.executable, script, str(hf_dir), str(tmp_path / "rows.pt"), str(tmp_path / "hf.pt"),
+                    "--greedy", str(NEW_TOKENS), "--token-limit", "257"] + (["--trust-remote-code"] if remote else []),
+                   env=env, cwd=str(tmp_path), check=True, capture_output=True, timeout=300)
+    out = torch.load(tmp_path / "hf.pt")
+    assert out["imported_megatron_fapool"] is False
+    return out["greedy"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus(str(tmp_path_factory.mktemp("data") / "stdlib"), max_files=20)
+
+
+def _trained(tmp_path_factory, corpus, name, *, tp, yaml_name):
+    """3 iterations of launch/train.py at TP ``tp`` (DP 1, 2 micro-batches per step)."""
+    d = tmp_path_factory.mktemp(name)
+    cfg = write_config(d / "cfg.json", tp=tp, gas=2, yaml=yaml_name)
+    run_ok(launch_command("torchrun", tp, "train",
+                          train_args(cfg, corpus, d / "m.jsonl", "--save", str(d / "run"), iters=3, seq=64)))
+    return d, cfg
+
+
+@pytest.fixture(scope="module")
+def rope_run(tmp_path_factory, corpus):
+    return _trained(tmp_path_factory, corpus, "rope", tp=2, yaml_name="tiny_dense_rope.yaml")
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory, corpus):
+    return _trained(tmp_path_factory, corpus, "learned", tp=1, yaml_name="tiny_dense.yaml")
+
+
+@pytest.mark.parametrize("run, arch", [("rope_run", "ArceeForCausalLM"), ("learned_run", "FapoolGPTForCausalLM")])
+def test_export_hf_equals_our_inference(run, arch, request, tmp_path):
+    d, cfg = request.getfixturevalue(run)
+    hf = tmp_path / "hf"
+    out = convert("export-hf", "--load", d / "run", "--save", hf)
+    verified(out)
+    assert f"B loaded as {arch} (torch.float32)" in out
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == [arch] and config["dtype"] == "float32"
+    ours = infer_tokens(cfg, d / "run", tmp_path, nproc=2 if run == "rope_run" else 1)
+    assert hf_greedy(hf, ours, tmp_path) == [t for _, t in ours]
+
+
+def test_ours_to_hf_to_ours_is_bitwise(rope_run, tmp_path):
+    d, cfg = rope_run
+    convert("export-hf", "--load", d / "run", "--save", tmp_path / "hf", "--no-verify")
+    out = convert("import-hf", "--hf", tmp_path / "hf", "--deepspeed_config", cfg, "--save", tmp_path / "back",
+                  "--probe-tokens", "1x16")
+    assert "verify: PASS" in out
+    a, b = open_source(str(d / "run")), open_source(str(tmp_path / "back"))
+    wa, wb = a.weights(), b.weights()
+    assert wa.keys() == wb.keys()
+    assert all(wa[k].dtype == wb[k].dtype and torch.equal(wa[k], wb[k]) for k in wa)
+    assert b.detail["tp"] == 2 and b.detail["iteration"] == 0
+
+
+@pytest.mark.parametrize("kind", ["arcee", "llama"])
+def test_import_hf_then_train_and_serve(kind, corpus, tmp_path):
+    import transformers
+
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, eos_token_id=256, bos_token_id=None)
+    torch.manual_seed(0)
+    model = (transformers.ArceeForCausalLM(transformers.ArceeConfig(hidden_act="gelu", **shape)) if kind == "arcee"
+             else transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)))
+    model.save_pretrained(tmp_path / "hf")
+    # the run's config names the model YAML import-hf writes into the checkpoint
+    cfg = write_config(tmp_path / "cfg.json", tp=2, gas=2, yaml=str(tmp_path / "ckpt" / "model.yaml"))
+    out = convert("import-hf", "--hf", tmp_path / "hf", "--deepspeed_config", cfg, "--save", tmp_path / "ckpt")
+    verified(out)
+    lm = yaml.safe_load((tmp_path / "ckpt" / "model.yaml").read_text())["language_model"]
+    assert lm["activation_func"] == ("gelu" if kind == "arcee" else "swiglu") and lm["position_embedding_type"] == "rope"
+    metrics = tmp_path / "m.jsonl"
+    run_ok(launch_command("torchrun", 2, "train", train_args(cfg, corpus, metrics, "--load", str(tmp_path / "ckpt"),
+                                                             "--save", str(tmp_path / "trained"), iters=10, seq=64)))
+    m = read_metrics(metrics)
+    assert sorted(m) == list(range(1, 11))
+    assert m[10]["loss"] < m[1]["loss"]
+    served = infer_tokens(cfg, tmp_path / "ckpt", tmp_path, nproc=2)
+    assert hf_greedy(tmp_path / "hf", served, tmp_path) == [t for _, t in served]
