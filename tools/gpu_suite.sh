@@ -2,7 +2,7 @@
 # GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
 #   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
 # Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo
-#         infer-test decode-bench infer-profile infer-bench mixed-bench moe-train
+#         infer-test decode-bench infer-profile infer-bench mixed-bench moe-train convert
 # `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
 # (megatron-core, deepspeed, pydantic) for an image that lacks them.
 set -uo pipefail
@@ -71,6 +71,9 @@ for s in "$@"; do
     moe-train)
       stage moe-train
       timeout 650 bash tools/gpu_moe_train.sh ${MOE_TRAIN_ITERS:-30} ${MOE_TRAIN_SEQ:-16384} || rc=1 ;;
+    convert)
+      stage convert
+      timeout 1500 bash tools/gpu_convert.sh ${CONVERT_SEQ:-1024} || rc=1 ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
 done

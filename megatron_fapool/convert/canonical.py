@@ -36,6 +36,8 @@ __all__ = [
     "TrainingState",
     "card_of_run_config",
     "language_model_dict",
+    "resolved_model",
+    "SHAPE_FREE",
     "dtype_name",
     "run_config_for",
     "strip_extra_state",
@@ -129,6 +131,21 @@ def language_model_dict(d: dict) -> dict:
     if out.get("num_moe_experts") is None:
         out = {k: v for k, v in out.items() if not k.startswith("moe_") and k != "num_moe_experts"}
     return out
+
+
+#: language-model keys that change no weight and no function of a trained model
+SHAPE_FREE = ("seq_length", "hidden_dropout", "attention_dropout")
+
+
+def resolved_model(lm: LanguageModel) -> dict:
+    """``lm``'s keys with Megatron's defaults filled in (query groups, head dim, FFN sizes) and the keys
+    that change no weight dropped: two spellings of one model compare equal."""
+    d = {k: v for k, v in language_model_dict(lm.model_dump()).items() if k not in SHAPE_FREE}
+    d.update(num_query_groups=lm.query_groups, kv_channels=lm.head_dim,
+             ffn_hidden_size=lm.ffn_hidden_size or 4 * lm.hidden_size)
+    if lm.num_moe_experts:
+        d["moe_ffn_hidden_size"] = lm.moe_ffn_hidden_size or d["ffn_hidden_size"]
+    return d
 
 
 def card_of_run_config(cfg: RunConfig) -> ModelCard:

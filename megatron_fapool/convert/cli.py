@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--save", required=True, metavar="OUT", help="output folder (must not exist)")
         sp.add_argument("--no-verify", action="store_true", help="skip the verification of what was written")
         sp.add_argument("--probe-tokens", default="2x37,1x256", help="probe rows of the verification (default %(default)s)")
+        sp.add_argument("--probe-device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the verification's probes run (default %(default)s)")
         sp.add_argument("--quiet", action="store_true", help="no progress lines")
 
     s = sub.add_parser("inspect", help="kind, layout, dtypes, tensors, bytes, completeness (reads only)")
@@ -102,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--probe-tokens", default="2x37,1x256")
     s.add_argument("--greedy", type=int, default=8)
     s.add_argument("--tolerance", type=float, default=None, help="relative logits tolerance (default by dtype)")
+    s.add_argument("--probe-device", default="cpu", choices=["cpu", "cuda"])
     return p
 
 
@@ -130,7 +133,7 @@ def _verified(src, out: str, args, progress: Progress) -> None:
         progress.say("verification skipped (--no-verify)")
         return
     with progress.phase("verifying the output against its source"):
-        report = verify(src, open_source(out), probe=args.probe_tokens, say=progress.say)
+        report = verify(src, open_source(out), probe=args.probe_tokens, device=args.probe_device, say=progress.say)
     if not report.ok:
         raise CheckFailed("verification failed")
 
@@ -219,6 +222,8 @@ def _cmd_import_hf(args) -> int:
         with staged_output(args.save, say=progress.say) as stage:
             with progress.phase(f"reading Hugging Face {args.hf}"):
                 card, weights = read_hf(args.hf)
+                for t in weights.values():
+                    progress.add(t.numel() * t.element_size())
             if want != card.dtype:
                 progress.say(f"the weights are {card.dtype}, {args.deepspeed_config} trains in {want}: cast to {want}")
                 weights = {k: v.to(DTYPES[want]) if v.is_floating_point() else v for k, v in weights.items()}
@@ -243,7 +248,8 @@ def _cmd_import_hf(args) -> int:
 def _cmd_verify(args) -> int:
     a = open_source(args.a, tag=args.tag_a, key="A")
     b = open_source(args.b, tag=args.tag_b, key="B")
-    return 0 if verify(a, b, probe=args.probe_tokens, greedy=args.greedy, tolerance=args.tolerance).ok else 1
+    return 0 if verify(a, b, probe=args.probe_tokens, greedy=args.greedy, tolerance=args.tolerance,
+                       device=args.probe_device).ok else 1
 
 
 COMMANDS = {"inspect": _cmd_inspect, "to-dist": _cmd_to_dist, "reshard": _cmd_reshard, "export-hf": _cmd_export_hf,

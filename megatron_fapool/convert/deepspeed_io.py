@@ -47,15 +47,17 @@ from ..training import checkpoint as ckpt
 from ..training.arguments import check_batch_sizes
 from ..training.deepspeed_world import MegatronMPU, base_ranks_as_world
 from . import dist as dio
-from .canonical import ModelCard, TrainingState, card_of_run_config, run_config_for
+from .canonical import ModelCard, TrainingState, card_of_run_config, resolved_model, run_config_for
 from .ours import OurCheckpoint
 
 __all__ = ["check_target", "dist_to_ours", "ours_to_dist", "reshard"]
 
 _MONITORS = ("tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler")
-_SHAPE_FREE = ("seq_length", "hidden_dropout", "attention_dropout")
 _ADAM_STATE = ("exp_avg", "exp_avg_sq")
 DEFAULT_TIMEOUT_S = 900.0
+#: The conversion worlds run on CPU processes (gloo) on any machine: they need the model, its masters and
+#: moments in memory once, not GPUs; DeepSpeed then picks its CPU accelerator.
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
 
 
 # ---- what the source is --------------------------------------------------------------------------
@@ -199,8 +201,7 @@ def _source_rank(rank: int, world: int, job: dict) -> dict:
     device = torch.device("cpu")
     card = ModelCard.from_dict(job["card"])
     run_config = run_config_for(card, tensor_model_parallel_size=job["tp"], deepspeed=job["ds"])
-    torch.manual_seed(0)  # an initialisation the checkpoint replaces
-    model = build_gpt_model(run_config)
+    model = build_gpt_model(run_config, perform_initialization=False)  # the checkpoint fills every weight
     from megatron.core import parallel_state as ps
 
     training, param_groups, rng, optim = None, None, None, None
@@ -266,7 +267,7 @@ def ours_to_dist(source: OurCheckpoint, out_dir: str, *, optimizer: bool, progre
            "src_dir": src_dir, "tag": tag, "out_dir": out_dir, "source": info}
     what = "weights, fp32 masters, Adam state" if optimizer else "weights"
     with progress.phase(f"reading {tag_dir} ({what}) on {world} rank(s) and writing {out_dir}"):
-        results = spawn_world(_source_rank, world, job, timeout=timeout, daemon=False)
+        results = spawn_world(_source_rank, world, job, timeout=timeout, daemon=False, env=CPU_ONLY)
         for r in results[:tp]:  # the TP ranks of the first replica: every byte once
             progress.add(r["bytes"], tensors=r["tensors"])
     return results[0]["path"]
@@ -292,8 +293,7 @@ def check_target(card: ModelCard, run_config: RunConfig, *, data_parallel_size: 
 
 
 def _check_model(card: ModelCard, run_config: RunConfig) -> None:
-    have = {k: v for k, v in card.lm().model_dump().items() if k not in _SHAPE_FREE}
-    want = {k: v for k, v in run_config.model.language_model.model_dump().items() if k not in _SHAPE_FREE}
+    have, want = resolved_model(card.lm()), resolved_model(run_config.model.language_model)
     diffs = [f"{k}={have.get(k)!r} (target: {want.get(k)!r})" for k in sorted(set(have) | set(want))
              if have.get(k) != want.get(k)]
     if diffs:
@@ -334,8 +334,7 @@ def _target_rank(rank: int, world: int, job: dict) -> str:
     run_config: RunConfig = job["run_config"]
     _init_megatron(run_config.tensor_model_parallel_size)
     info, training = job["info"], (TrainingState.from_dict(job["training"]) if job["training"] else None)
-    torch.manual_seed(0)
-    model = build_gpt_model(run_config)
+    model = build_gpt_model(run_config, perform_initialization=False)  # the dist checkpoint fills every weight
     carry = job["carry"]
     masters = job["masters"]
     kinds = (("fp32_param",) if masters else ()) + (_ADAM_STATE if carry else ())
@@ -421,7 +420,7 @@ def dist_to_ours(dist_dir: str, run_config: RunConfig, out_dir: str, *, optimize
            "pool_manager": pool_manager}
     with progress.phase(f"writing {out_dir} at TP {tp} x DP {dp} (ZeRO {_zero_stage(run_config.deepspeed)})"
                         f" from {iter_dir}"):
-        paths = spawn_world(_target_rank, tp * dp, job, timeout=timeout, daemon=False)
+        paths = spawn_world(_target_rank, tp * dp, job, timeout=timeout, daemon=False, env=CPU_ONLY)
     return paths[0]
 
 

@@ -221,8 +221,7 @@ def _tp1_world():
 
 
 def _tp1_model(card: ModelCard):
-    torch.manual_seed(0)  # the build draws an initialisation, which is then overwritten
-    return build_gpt_model(run_config_for(card))
+    return build_gpt_model(run_config_for(card), perform_initialization=False)  # every weight is given
 
 
 def save_weights_dist(card: ModelCard, weights: dict, out_dir: str, *, training: TrainingState | None = None,

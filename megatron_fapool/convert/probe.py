@@ -26,11 +26,12 @@ __all__ = ["greedy", "logits_of", "probe_rows"]
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    """fp32 logits ``[s, vocab]`` of one row ``ids`` ``[s]``."""
-    x = ids.view(1, -1)
-    pos = torch.arange(x.shape[1]).view(1, -1)
+    """fp32 logits ``[s, vocab]`` (on the CPU) of one row ``ids`` ``[s]``, on the model's device."""
+    device = next(model.parameters()).device
+    x = ids.view(1, -1).to(device)
+    pos = torch.arange(x.shape[1], device=device).view(1, -1)
     with torch.no_grad():
-        return model(x, pos, None).float()[0]
+        return model(x, pos, None).float()[0].cpu()
 
 
 def greedy(model, ids: torch.Tensor, steps: int, token_limit: int) -> list[int]:
@@ -43,15 +44,14 @@ def greedy(model, ids: torch.Tensor, steps: int, token_limit: int) -> list[int]:
     return new
 
 
-def probe_rows(card, weights, rows, *, steps: int, token_limit: int) -> dict:
-    """Build ``card``'s model at TP 1 with ``weights`` (in a world of one) and probe ``rows``."""
-    torch.manual_seed(0)
-    model = build_gpt_model(run_config_for(card))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+def probe_rows(card, weights, rows, *, steps: int, token_limit: int, device=None) -> dict:
+    """Build ``card``'s model at TP 1 with ``weights`` (in a world of one) on ``device`` and probe ``rows``."""
+    model = build_gpt_model(run_config_for(card), perform_initialization=False)  # every weight is loaded
+    missing, unexpected = model.load_state_dict(weights, strict=False)  # _extra_state: nothing to load
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    model.eval()
+    model.to(device or "cpu").eval()
     return {"logits": [logits_of(model, r) for r in rows],
             "greedy": [greedy(model, r, steps, token_limit) for r in rows]}
 
@@ -64,16 +64,17 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default=None)
     p.add_argument("--greedy", type=int, default=8)
     p.add_argument("--token-limit", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = torch.load(a.tokens)
-    with world_of_one("cpu"):
+    with world_of_one(a.device) as device:
         src = open_source(a.path, tag=a.tag)
         if src.kind == "hf":
             raise SystemExit("probe: a Hugging Face folder is probed by probe_hf.py")
         weights = src.weights()
         limit = a.token_limit or src.card.lm().vocab_size
-        torch.save(probe_rows(src.card, weights, rows, steps=a.greedy, token_limit=limit), a.out)
+        torch.save(probe_rows(src.card, weights, rows, steps=a.greedy, token_limit=limit, device=device), a.out)
     return 0
 
 

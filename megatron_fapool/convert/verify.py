@@ -27,11 +27,10 @@ import torch
 
 from ..config import ConfigError
 from ..runtime.local import world_of_one
-from .canonical import ModelCard
+from .canonical import ModelCard, resolved_model
 
 __all__ = ["Report", "compare_cards", "compare_tensors", "probe_rows", "run_probe", "verify"]
 
-_SHAPE_FREE = {"seq_length", "hidden_dropout", "attention_dropout"}
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2.5e-2, "float16": 2.5e-2}
 
 
@@ -55,8 +54,7 @@ class Report:
 
 
 def compare_cards(a: ModelCard, b: ModelCard) -> list[str]:
-    la = {k: v for k, v in a.language_model.items() if k not in _SHAPE_FREE}
-    lb = {k: v for k, v in b.language_model.items() if k not in _SHAPE_FREE}
+    la, lb = resolved_model(a.lm()), resolved_model(b.lm())
     diffs = [f"{k}: {la.get(k)!r} vs {lb.get(k)!r}" for k in sorted(set(la) | set(lb)) if la.get(k) != lb.get(k)]
     if a.attention.get("kind") != b.attention.get("kind"):
         diffs.append(f"attention: {a.attention} vs {b.attention}")
@@ -127,6 +125,7 @@ def probe_rows(card: ModelCard, spec: str = "2x37,1x256", seed: int = 0) -> list
 def run_probe(kind: str, path: str, rows, *, tag=None, greedy: int, token_limit: int, timeout: float = 900,
               device: str = "cpu") -> dict:
     """Probe ``path`` in a fresh process; its result dict (``logits``, ``greedy``)."""
+    path = os.path.abspath(path)
     with tempfile.TemporaryDirectory(prefix="fapool-probe-") as tmp:
         tokens, out = os.path.join(tmp, "tokens.pt"), os.path.join(tmp, "out.pt")
         torch.save(list(rows), tokens)
@@ -145,7 +144,7 @@ def run_probe(kind: str, path: str, rows, *, tag=None, greedy: int, token_limit:
             cwd = tmp  # not the checkout: the process must not find this package by its working directory
         else:
             cmd = [sys.executable, "-m", "megatron_fapool.convert.probe", path, tokens, out, "--greedy", str(greedy),
-                   "--token-limit", str(token_limit)] + (["--tag", tag] if tag else [])
+                   "--token-limit", str(token_limit), "--device", device] + (["--tag", tag] if tag else [])
             cwd = None
         proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
@@ -154,7 +153,7 @@ def run_probe(kind: str, path: str, rows, *, tag=None, greedy: int, token_limit:
 
 
 def verify(a, b, *, probe: str = "2x37,1x256", greedy: int = 8, tolerance: float | None = None,
-           say=print) -> Report:
+           device: str = "cpu", say=print) -> Report:
     """Compare sources ``a`` and ``b`` (:class:`.sources.Source`); the report (``ok``) and its lines printed."""
     report = Report()
     report.add(f"A: {a.kind} {a.path}" + (f" ({a.detail.get('tag')})" if a.kind == "ours" else ""))
@@ -171,8 +170,8 @@ def verify(a, b, *, probe: str = "2x37,1x256", greedy: int = 8, tolerance: float
     if probe:
         rows = probe_rows(a.card, probe)
         limit = min(a.card.lm().vocab_size, 257)
-        ra = run_probe(a.kind, a.path, rows, tag=a.detail.get("tag"), greedy=greedy, token_limit=limit)
-        rb = run_probe(b.kind, b.path, rows, tag=b.detail.get("tag"), greedy=greedy, token_limit=limit)
+        ra = run_probe(a.kind, a.path, rows, tag=a.detail.get("tag"), greedy=greedy, token_limit=limit, device=device)
+        rb = run_probe(b.kind, b.path, rows, tag=b.detail.get("tag"), greedy=greedy, token_limit=limit, device=device)
         dtype = a.card.dtype if a.card.dtype != "float32" else b.card.dtype
         tol = tolerance if tolerance is not None else TOLERANCE[dtype]
         ref = max(float(x.abs().max()) for x in ra["logits"])
@@ -182,7 +181,7 @@ def verify(a, b, *, probe: str = "2x37,1x256", greedy: int = 8, tolerance: float
         total = sum(x.shape[0] for x in ra["logits"])
         report.greedy_equal = ra["greedy"] == rb["greedy"]
         shape = ",".join(f"1x{r.numel()}" for r in rows)
-        report.add(f"probe (fresh processes): rows {shape}: max|dlogits| {diff:.3e}, relative {report.logits_rel:.3e}"
+        report.add(f"probe (fresh processes, {device}): rows {shape}: max|dlogits| {diff:.3e}, relative {report.logits_rel:.3e}"
                    f" (tolerance {tol:g}), argmax agree {100.0 * agree / total:.1f}%, greedy {greedy} tokens"
                    f" identical: {'yes' if report.greedy_equal else 'no'}")
         if "class" in rb:
