@@ -173,7 +173,8 @@ def _shards(c: OurCheckpoint, *, progress=None) -> dict[str, list[torch.Tensor]]
             progress.add(os.path.getsize(f), 0)
     if c.ma_separation:
         for k, v in expert_state(c.root, c.tag, c.meta, "cpu").items():
-            shards[k] = [v]
+            if v is not None and not k.endswith("._extra_state"):
+                shards[k] = [v]
     return shards
 
 
