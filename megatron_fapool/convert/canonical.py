@@ -133,8 +133,9 @@ def language_model_dict(d: dict) -> dict:
     return out
 
 
-#: language-model keys that change no weight and no function of a trained model
-SHAPE_FREE = ("seq_length", "hidden_dropout", "attention_dropout")
+#: language-model keys that change no weight and no function of a trained model (training-only
+#: coefficients included: a Hugging Face folder does not keep them)
+SHAPE_FREE = ("seq_length", "hidden_dropout", "attention_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff")
 
 
 def resolved_model(lm: LanguageModel) -> dict:

@@ -19,21 +19,14 @@ import pytest
 
 from megatron_fapool.convert.cli import main
 from megatron_fapool.runtime import exit_on_user_error
-from megatron_fapool.testing.launch import ROOT, build_corpus, launch_command, run_ok, subprocess_env, train_args
-
-from test_dist import write_config
+from megatron_fapool.testing.launch import ROOT, subprocess_env
 
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    corpus = build_corpus(str(d / "stdlib"), max_files=20)
-    cfg = write_config(d / "tp2.json", tp=2, gas=2)
-    run_ok(launch_command("torchrun", 2, "train", train_args(cfg, corpus, d / "m.jsonl", "--save", str(d / "run"),
-                                                             "--save-interval", "1", iters=2, seq=64)))
-    return d / "run", cfg
+@pytest.fixture
+def checkpoint(rope_tp2):
+    return rope_tp2["ckpt"], rope_tp2["cfg"]
 
 
 def run_cli(args, capsys):
@@ -63,7 +56,7 @@ def test_inspect_reads_only(checkpoint, capsys):
     before = sorted(os.walk(checkpoint[0]))
     code, out, _ = run_cli(["inspect", checkpoint[0]], capsys)
     assert code == 0
-    assert "layout        TP 2  PP 1  DP 1  ZeRO stage 1" in out and "iter_0000002" in out
+    assert "layout        TP 2  PP 1  DP 1  ZeRO stage 1" in out and "iter_0000003" in out
     assert "[tp 01] decoder.layers.1.self_attention.linear_qkv.weight" in out and "complete      yes" in out
     assert sorted(os.walk(checkpoint[0])) == before
 
@@ -76,16 +69,16 @@ def test_not_a_checkpoint(tmp_path, capsys):
 
 def test_latest_naming_a_half_written_tag(checkpoint, tmp_path, capsys):
     d = _copy(checkpoint, tmp_path)
-    os.remove(d / "iter_0000002" / "fapool_checkpoint.json")
+    os.remove(d / "iter_0000003" / "fapool_checkpoint.json")
     out = tmp_path / "hf"
     code, _, err = run_cli(["export-hf", "--load", d, "--save", out], capsys)
-    _one_error_line(code, err, "iter_0000002", "half written", "complete tags: iter_0000001", "--tag")
+    _one_error_line(code, err, "iter_0000003", "half written", "complete tags: iter_0000001, iter_0000002", "--tag")
     assert not out.exists()
 
 
 def test_a_missing_tp_shard(checkpoint, tmp_path, capsys):
     d = _copy(checkpoint, tmp_path)
-    os.remove(d / "iter_0000002" / "mp_rank_01_model_states.pt")
+    os.remove(d / "iter_0000003" / "mp_rank_01_model_states.pt")
     code, _, err = run_cli(["to-dist", "--load", d, "--save", tmp_path / "dist"], capsys)
     _one_error_line(code, err, "mp_rank_01_model_states.pt is missing")
     assert not (tmp_path / "dist").exists()
@@ -93,7 +86,7 @@ def test_a_missing_tp_shard(checkpoint, tmp_path, capsys):
 
 def test_a_truncated_file(checkpoint, tmp_path, capsys):
     d = _copy(checkpoint, tmp_path)
-    f = d / "iter_0000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    f = d / "iter_0000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     f.write_bytes(f.read_bytes()[: 5000])
     code, _, err = run_cli(["inspect", d], capsys)
     _one_error_line(code, err, "zero_pp_rank_0_mp_rank_00_optim_states.pt (5000 bytes) is truncated")
@@ -101,7 +94,7 @@ def test_a_truncated_file(checkpoint, tmp_path, capsys):
 
 def test_shapes_that_disagree_with_the_model(checkpoint, tmp_path, capsys):
     d = _copy(checkpoint, tmp_path)
-    marker = d / "iter_0000002" / "fapool_checkpoint.json"
+    marker = d / "iter_0000003" / "fapool_checkpoint.json"
     meta = json.loads(marker.read_text())
     meta["model"]["ffn_hidden_size"] = 512
     marker.write_text(json.dumps(meta))
@@ -109,7 +102,7 @@ def test_shapes_that_disagree_with_the_model(checkpoint, tmp_path, capsys):
     _one_error_line(code, err, "shapes disagree", "linear_fc1.weight: have (128, 64) want (256, 64)")
 
 
-def test_a_config_of_another_model(checkpoint, tmp_path, capsys):
+def test_a_config_of_another_model(checkpoint, tmp_path, capsys, write_config):
     cfg = write_config(tmp_path / "c.json", tp=1, yaml="tiny_dense.yaml")
     code, _, err = run_cli(["reshard", "--load", checkpoint[0], "--deepspeed_config", cfg, "--save",
                             tmp_path / "out"], capsys)
@@ -127,7 +120,7 @@ def test_an_output_that_exists(checkpoint, tmp_path, capsys):
 
 def test_dilated_attention_is_not_exported(checkpoint, tmp_path, capsys):
     d = _copy(checkpoint, tmp_path)
-    marker = d / "iter_0000002" / "fapool_checkpoint.json"
+    marker = d / "iter_0000003" / "fapool_checkpoint.json"
     meta = json.loads(marker.read_text())
     meta["attention"] = {"kind": "dilated", "segment_lengths": [32], "dilation_rates": [1]}
     marker.write_text(json.dumps(meta))
@@ -138,7 +131,7 @@ def test_dilated_attention_is_not_exported(checkpoint, tmp_path, capsys):
 
 def test_a_killed_conversion_leaves_nothing_that_looks_complete(checkpoint, tmp_path):
     out = tmp_path / "dist"
-    cmd = [sys.executable, TOOL, "to-dist", "--load", str(checkpoint[0]), "--save", str(out), "--optimizer"]
+    cmd = [sys.executable, TOOL, "to-dist", "--load", str(checkpoint[0]), "--save", str(out)]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     partial = f"{out}.partial-{proc.pid}"

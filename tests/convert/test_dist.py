@@ -23,23 +23,9 @@ from megatron_fapool.convert.deepspeed_io import dist_to_ours, ours_to_dist
 from megatron_fapool.convert.ours import OurCheckpoint, open_ours, read_weights
 from megatron_fapool.convert.progress import Progress
 from megatron_fapool.runtime.spawn import spawn_world
-from megatron_fapool.testing.launch import ROOT, build_corpus, launch_command, run_ok, train_args
+from megatron_fapool.testing.launch import ROOT
 
 SEQ = 64
-
-
-def write_config(path, *, tp: int, gas: int = 1, stage: int = 1, yaml: str = "tiny_dense_rope.yaml") -> str:
-    """A tiny model (RoPE by default: configs/models/``yaml``) without the pool, fp32, global batch 2
-    (= DP x ``gas``, micro batch 1)."""
-    data = json.load(open(os.path.join(ROOT, "configs", "tiny_dense_rope_pool.json")))
-    data["fapool"]["model_yaml"] = yaml if os.path.isabs(yaml) else os.path.join(ROOT, "configs", "models", yaml)
-    data["fapool"]["attention_pool"].update(enabled=False, pool_size=0)
-    data["fapool"]["parallel"]["tensor_model_parallel_size"] = tp
-    data.update(gradient_accumulation_steps=gas, train_batch_size=2, steps_per_print=1000)
-    data["zero_optimization"]["stage"] = stage
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return str(path)
 
 
 def _equal(a, b, path: str, out: list) -> None:
@@ -66,14 +52,9 @@ def _equal(a, b, path: str, out: list) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """3 iterations of launch/train.py at TP 2, ZeRO 1 (2 micro-batches per step), saved at the end."""
-    d = tmp_path_factory.mktemp("tp2")
-    corpus = build_corpus(str(d / "corpus"), max_files=20)
-    cfg = write_config(d / "tp2.json", tp=2, gas=2)
-    run_ok(launch_command("torchrun", 2, "train", train_args(cfg, corpus, d / "m.jsonl", "--save", str(d / "ckpt"),
-                                                             iters=3, seq=SEQ)), timeout=240)
-    return {"dir": d, "cfg": cfg, "ckpt": str(d / "ckpt")}
+def trained(rope_tp2):
+    """3 iterations of launch/train.py at TP 2, ZeRO 1 (2 micro-batches per step), a checkpoint after each."""
+    return rope_tp2
 
 
 @pytest.fixture(scope="module")

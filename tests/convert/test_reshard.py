@@ -15,7 +15,6 @@ matches at the next iteration (same weights) but fails the 10-iteration bar.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -23,9 +22,7 @@ from megatron_fapool.config import load_run_config
 from megatron_fapool.convert.deepspeed_io import reshard
 from megatron_fapool.convert.ours import open_ours
 from megatron_fapool.convert.progress import Progress
-from megatron_fapool.testing.launch import build_corpus, launch_command, read_metrics, run_ok, train_args
-
-from test_dist import write_config
+from megatron_fapool.testing.launch import launch_command, read_metrics, run_ok, train_args
 
 SEQ = 64
 ITERS = 22
@@ -57,9 +54,9 @@ def _misses(resumed: dict, ref: dict, start: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, corpus, write_config):
     d = tmp_path_factory.mktemp("reshard")
-    w = {"dir": d, "corpus": build_corpus(str(d / "corpus"), max_files=20),
+    w = {"dir": d, "corpus": corpus,
          "tp2": write_config(d / "tp2.json", tp=2, gas=2), "tp1": write_config(d / "tp1.json", tp=1, gas=2),
          "dp2": write_config(d / "dp2.json", tp=1, gas=1)}
     w["A"] = _train(w["tp2"], w["corpus"], d / "a.jsonl", "--save", str(d / "A"), "--save-interval", "10", nproc=2)
