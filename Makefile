@@ -32,10 +32,11 @@ demo: $(STAMP) $(DATA).bin
 		--train-iters 150 --log-interval 10 --save runs/demo/checkpoints --save-interval 50 \
 		--metrics-file runs/demo/metrics.jsonl
 
-# Two workers, a test file per worker at a time (a file's module fixtures are built once):
-# most tests are multi-process launches that spend part of their time waiting.
+# Two workers, a test file per worker at a time (a file's module fixtures are built once), the
+# longest files first (tests/conftest.py): most tests are multi-process launches that spend part of
+# their time waiting.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

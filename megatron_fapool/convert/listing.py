@@ -1,4 +1,5 @@
-"""``inspect SRC``: what a checkpoint is — kind, layout, dtypes, tensors, bytes, completeness. Reads only."""
+"""``inspect SRC`` (this module is not named ``inspect``: that would shadow the standard library's
+for scripts run from this folder): what a checkpoint is — kind, layout, dtypes, tensors, bytes, completeness. Reads only."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections import Counter
 
 import torch
 
+from .hf import require_hf
 from .sources import Source
 
 __all__ = ["describe", "tensor_listing"]
@@ -40,6 +42,7 @@ def tensor_listing(src: Source) -> list[tuple[str, tuple, str, int]]:
                 n *= s
             rows.append((k, shape, str(dtype).replace("torch.", ""), n * size))
     else:
+        require_hf("inspect of a Hugging Face folder")
         from safetensors import safe_open
 
         files = sorted(f for f in os.listdir(src.path) if f.endswith(".safetensors"))

@@ -122,6 +122,15 @@ def test_tp1_read_equals_the_shard_merge_and_weights_round_trip(trained, dist_ck
         dio.save_weights_dist(card, bad, str(tmp_path / "bad"))
 
 
+def test_inspect_lists_the_dist_checkpoint(dist_ckpt):
+    from megatron_fapool.convert.listing import describe
+    from megatron_fapool.convert.sources import open_source
+
+    text = describe(open_source(dist_ckpt))
+    assert "kind          dist" in text and "iteration 3; optimizer state yes" in text
+    assert "optimizer.state.exp_avg.decoder.layers.self_attention.linear_qkv.weight" in text and "(2, 128, 64)" in text
+
+
 def test_incomplete_or_foreign_dist_dirs_are_refused(dist_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="no such directory"):
         dio.resolve_dist_dir(str(tmp_path / "nope"))
