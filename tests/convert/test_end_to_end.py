@@ -8,7 +8,7 @@
 * ours -> HF -> ours through the CLI is bitwise;
 * import-hf of random-init ``ArceeForCausalLM`` and ``LlamaForCausalLM`` saved by transformers:
   logits match HF's (the tool's verification) and ``launch/infer.py --load`` serves HF's greedy
-  tokens; ``launch/train.py --load`` trains 10 iterations on the imported Arcee (at TP 2).
+  tokens; ``launch/train.py --load`` trains 10 iterations on the imported Arcee.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_ours_to_hf_to_ours_is_bitwise(rope_run, tmp_path):
     assert b.detail["tp"] == 2 and b.detail["iteration"] == 0
 
 
-@pytest.mark.parametrize("kind, tp", [("arcee", 2), ("llama", 1)])
+@pytest.mark.parametrize("kind, tp", [("arcee", 1), ("llama", 1)])  # TP 2 writes: test_reshard.py, the round trip above
 def test_import_hf_then_train_and_serve(kind, tp, corpus, tmp_path, write_config):
     import transformers
 

@@ -278,8 +278,9 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-# (2 + 2, ratio 1:1, is the tp2xdp3+2 case's expert side: two expert ranks of 8 experts each)
-@pytest.mark.parametrize("ratio,world,tp", [("3:1", 4, 1), ("3:1", 8, 2)], ids=["3+1", "tp2xdp3+2"])
+# 3 + 1: data-parallel attention ranks, one expert rank; tp2+2: tensor-parallel attention ranks, two
+# expert ranks of 8 experts each (ratio 1:1)
+@pytest.mark.parametrize("ratio,world,tp", [("3:1", 4, 1), ("1:1", 4, 2)], ids=["3+1", "tp2+2"])
 def test_ma_separation_matches_megatron_moe(tmp_path, reference, ratio, world, tp):
     cfg_path = _config(tmp_path, ratio, tp)
     a, e = (int(x) for x in ratio.split(":"))
