@@ -150,7 +150,7 @@ def _cmd_to_dist(args) -> int:
     check_output_free(args.save)
     progress = Progress(3, quiet=args.quiet)
     with staged_output(args.save, say=progress.say) as stage:
-        ours_to_dist(src._handle, stage, optimizer=args.optimizer, progress=progress)
+        ours_to_dist(src.ours, stage, optimizer=args.optimizer, progress=progress)
         _verified(src, stage, args, progress)
     progress.say(f"wrote {args.save}: load it with megatron.core.dist_checkpointing (Megatron-LM: --load"
                  f" {args.save} --ckpt-format torch_dist --dist-ckpt-strictness log_all)")
@@ -170,7 +170,7 @@ def _cmd_reshard(args) -> int:
         if src.kind == "ours":
             with tempfile.TemporaryDirectory(prefix="fapool-reshard-",
                                              dir=os.path.dirname(os.path.abspath(args.save))) as tmp:
-                reshard(src._handle, cfg, stage, staging=os.path.join(tmp, "dist"), optimizer=optimizer,
+                reshard(src.ours, cfg, stage, staging=os.path.join(tmp, "dist"), optimizer=optimizer,
                         data_parallel_size=dp, progress=progress)
         else:
             dist_to_ours(src.path, cfg, stage, optimizer=optimizer, data_parallel_size=dp, progress=progress)

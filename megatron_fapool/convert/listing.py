@@ -23,7 +23,7 @@ def tensor_listing(src: Source) -> list[tuple[str, tuple, str, int]]:
     """``(name, shape, dtype, bytes)`` of every stored tensor, without loading any data (memory-mapped or headers)."""
     rows = []
     if src.kind == "ours":
-        c = src._handle
+        c = src.ours
         for f in c.model_files():
             state = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["module"]
             tp = os.path.basename(f)[8:10]
@@ -65,7 +65,7 @@ def describe(src: Source, *, tensors: bool = True) -> str:
     d = src.detail
     lines = [f"kind          {src.kind}  ({src.path})"]
     if src.kind == "ours":
-        c = src._handle
+        c = src.ours
         files = c.model_files() + c.optimizer_files()
         lines += [
             f"tag           {c.tag} (iteration {c.meta.get('iteration')}, consumed samples {c.meta.get('consumed_samples')})",

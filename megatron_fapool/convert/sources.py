@@ -12,7 +12,7 @@ from ..config import ConfigError
 from .canonical import ModelCard
 from .dist import load_weights_dist, read_card, resolve_dist_dir
 from .hf import read_hf, read_hf_card
-from .ours import is_ours, open_ours, read_weights
+from .ours import OurCheckpoint, is_ours, open_ours, read_weights
 
 __all__ = ["KINDS", "Source", "detect", "open_source"]
 
@@ -42,12 +42,12 @@ class Source:
     path: str  # what was given
     card: ModelCard
     detail: dict = field(default_factory=dict)  # kind-specific: tag, TP, DP, ZeRO stage, files ...
-    _handle: object = None
+    ours: OurCheckpoint | None = None  # the launch/train.py checkpoint (kind "ours")
 
     def weights(self, progress=None) -> dict[str, torch.Tensor]:
-        """Canonical TP 1 weights (needs a world of one for ``ours``; see :mod:`.placement`)."""
+        """Canonical TP 1 weights."""
         if self.kind == "ours":
-            return read_weights(self._handle, progress=progress)
+            return read_weights(self.ours, progress=progress)
         if self.kind == "dist":
             return load_weights_dist(self.path)[1]
         return read_hf(self.path)[1]
