@@ -2,11 +2,6 @@ import pytest
 import torch
 
 
-# Two test workers share the machine's cores with the processes their tests launch (each of those
-# runs one thread): the workers' own tensor work runs one thread too, instead of oversubscribing.
-torch.set_num_threads(1)
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU-only machines")
     config.addinivalue_line("markers", "slow: multi-process or long-running test")
