@@ -26,7 +26,7 @@ from .hf import check_exportable, export_hf, read_hf
 from .listing import describe
 from .progress import Progress
 from .sources import open_source
-from .staging import CheckFailed, check_output_free, staged_output
+from .staging import CheckFailed, check_output_free, check_space, staged_output
 from .verify import verify
 
 __all__ = ["main", "parser"]
@@ -127,6 +127,16 @@ def _target_config(args, card: ModelCard, *, default_dp: int) -> tuple:
     return cfg, dp
 
 
+def _checkpoint_bytes(src) -> int:
+    """Bytes of a source's files (weights and optimizer state; of its one tag for a launch/train.py checkpoint)."""
+    root = src.ours.path if src.ours is not None else src.path
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def _model_bytes(src) -> int:
+    return sum(os.path.getsize(f) for f in src.ours.model_files())
+
+
 def _verified(src, out: str, args, progress: Progress) -> None:
     """Verify what was written (the staging folder) against its source; a failure raises CheckFailed."""
     if args.no_verify:
@@ -148,6 +158,7 @@ def _cmd_to_dist(args) -> int:
     if src.kind != "ours":
         raise ConfigError("--load", f"{args.load} is a {src.kind} checkpoint: to-dist converts launch/train.py checkpoints")
     check_output_free(args.save)
+    check_space(args.save, _checkpoint_bytes(src) if args.optimizer else _model_bytes(src))
     progress = Progress(3, quiet=args.quiet)
     with staged_output(args.save, say=progress.say) as stage:
         ours_to_dist(src.ours, stage, optimizer=args.optimizer, progress=progress)
@@ -164,6 +175,7 @@ def _cmd_reshard(args) -> int:
         raise ConfigError("--load", f"{args.load} is a Hugging Face folder: use import-hf")
     cfg, dp = _target_config(args, src.card, default_dp=src.detail.get("dp") or 1)
     check_output_free(args.save)
+    check_space(args.save, 2 * _checkpoint_bytes(src))  # the staging dist checkpoint and the output
     optimizer = "reset" if args.reset_optimizer else "carry"
     progress = Progress(3 if src.kind == "ours" else 2, quiet=args.quiet)
     with staged_output(args.save, say=progress.say) as stage:
@@ -192,6 +204,7 @@ def _cmd_export_hf(args) -> int:
     progress = Progress(3, quiet=args.quiet)
     with progress.phase(f"reading {src.kind} checkpoint {src.path}"):
         weights = src.weights(progress=progress)
+    check_space(args.save, sum(t.numel() * t.element_size() for t in weights.values()))
     with staged_output(args.save, say=progress.say) as stage:
         with progress.phase(f"writing Hugging Face {arch} to {args.save}"):
             export_hf(src.card, weights, stage, arch=arch, dtype=dtype, max_shard_bytes=shard, progress=progress)

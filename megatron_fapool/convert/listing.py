@@ -10,13 +10,10 @@ from collections import Counter
 import torch
 
 from .hf import require_hf
+from .progress import fmt_bytes
 from .sources import Source
 
 __all__ = ["describe", "tensor_listing"]
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def tensor_listing(src: Source) -> list[tuple[str, tuple, str, int]]:
@@ -71,7 +68,7 @@ def describe(src: Source, *, tensors: bool = True) -> str:
             f"tag           {c.tag} (iteration {c.meta.get('iteration')}, consumed samples {c.meta.get('consumed_samples')})",
             f"layout        TP {c.tp}  PP {c.pp}  DP {c.dp}  ZeRO stage {c.zero_stage if c.zero_stage is not None else '?'}"
             + ("  MA separation (experts on expert ranks)" if c.ma_separation else ""),
-            f"files         {len(files)} ({_fmt_bytes(sum(os.path.getsize(f) for f in files))}):"
+            f"files         {len(files)} ({fmt_bytes(sum(os.path.getsize(f) for f in files))}):"
             f" {len(c.model_files())} model, {len(c.optimizer_files())} optimizer",
         ]
     elif src.kind == "dist":
@@ -97,8 +94,8 @@ def describe(src: Source, *, tensors: bool = True) -> str:
     by_dtype = Counter()
     for _, _, dt, n in rows:
         by_dtype[dt] += n
-    lines.append(f"tensors       {len(rows)}, {_fmt_bytes(sum(by_dtype.values()))} ("
-                 + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(by_dtype.items())) + ")")
+    lines.append(f"tensors       {len(rows)}, {fmt_bytes(sum(by_dtype.values()))} ("
+                 + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(by_dtype.items())) + ")")
     lines.append("complete      yes (every file present and readable; markers written last are there)")
     if tensors:
         w = max((len(r[0]) for r in rows), default=10)

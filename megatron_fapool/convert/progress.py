@@ -6,7 +6,7 @@ import resource
 import sys
 import time
 
-__all__ = ["Progress", "peak_rss_bytes"]
+__all__ = ["Progress", "fmt_bytes", "peak_rss_bytes"]
 
 
 def peak_rss_bytes() -> int:
@@ -16,7 +16,8 @@ def peak_rss_bytes() -> int:
     return max(own, kids) * 1024  # Linux: KiB
 
 
-def _fmt(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """``1.87 GB``, ``491.20 kB``, ``12 B``."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -63,8 +64,8 @@ class Progress:
             if exc_type is not None:
                 return False
             o, dt = self.owner, time.perf_counter() - self.t0
-            rate = f" ({_fmt(o._bytes / dt)}/s)" if o._bytes and dt > 0 else ""
-            amount = f"{_fmt(o._bytes)} in " if o._bytes else ""
+            rate = f" ({fmt_bytes(o._bytes / dt)}/s)" if o._bytes and dt > 0 else ""
+            amount = f"{fmt_bytes(o._bytes)} in " if o._bytes else ""
             o.say(f"[{o.done}/{o.total or '?'}] {self.name}: {amount}{dt:.1f} s{rate}")
             return False
 
@@ -73,7 +74,7 @@ class Progress:
 
     def summary(self) -> str:
         dt = time.perf_counter() - self.t_start
-        line = (f"done in {dt:.1f} s: {self.tensors_total} tensors, {_fmt(self.bytes_total)};"
-                f" peak memory {_fmt(peak_rss_bytes())} (resident, this process and its workers)")
+        line = (f"done in {dt:.1f} s: {self.tensors_total} tensors, {fmt_bytes(self.bytes_total)};"
+                f" peak memory {fmt_bytes(peak_rss_bytes())} (resident, this process and its workers)")
         self.say(line)
         return line

@@ -19,7 +19,7 @@ import shutil
 
 from ..config import ConfigError
 
-__all__ = ["CheckFailed", "check_output_free", "free_bytes", "staged_output"]
+__all__ = ["CheckFailed", "check_output_free", "check_space", "free_bytes", "staged_output"]
 
 
 class CheckFailed(RuntimeError):
