@@ -15,6 +15,20 @@ sampled. Printed per request and per length bucket (512-2K, 2K-8K, 8K-32K, 32K+)
 TTFT, TPOT and TPS (input + output tokens per second). ``--sweep 8192x1 8192x4 ...``
 serves one batch per item (random prompts) with the same model, for benchmarks.
 
+Serving engine (``--engine``). Without the pool, MA separation or pipeline stages (dense
+models), requests are served from static K/V slots (``megatron_fapool.inference.engine``):
+prompts prefilled together in one packed forward, one decode forward per step over all
+running requests with no per-request host work, replayed from CUDA graphs on a GPU, and
+continuous batching: with arrival times (``--trace FILE`` of JSON lines, or
+``--arrival-rate R`` requests per second over the given prompts) requests join the running
+batch at the next step and leave when done; ``--slots`` bounds how many run at once
+(others wait). Reported: TTFT / TPOT / TPS with p50 and p99, and goodput under
+``--slo-ttft-ms`` / ``--slo-tpot-ms``. The pool, MA separation and PP run the session
+path (``--engine session``: every prompt prefilled, then decoded in batches).
+
+    python launch/infer.py --deepspeed_config configs/tiny_dense.json --random-weights \
+        --trace configs/traces/mixed_small.jsonl --slots 4 --slo-ttft-ms 2000 --slo-tpot-ms 200
+
 Data-parallel replicas (more base ranks than TP x PP): request ``i`` is served by
 replica ``i % DP``; rank 0 reports them all.
 
@@ -54,9 +68,14 @@ from megatron_fapool.attention.pool import AttentionPool
 from megatron_fapool.config import ConfigError, load_run_config
 from megatron_fapool.data import ByteTokenizer
 from megatron_fapool.inference import weights
+from megatron_fapool.inference.batching import TimedRequest, serve
+from megatron_fapool.inference.engine import ServingEngine
 from megatron_fapool.inference.generate import Request, RequestError, generate, validate_requests
 from megatron_fapool.inference.lockstep import Lockstep
+from megatron_fapool.inference.sampling import Sampling
 from megatron_fapool.inference.session import InferenceSession, KVCached
+from megatron_fapool.inference.slots import SlotAttention, SlotCache
+from megatron_fapool.inference.trace import TraceError, load_trace, poisson_arrivals, summarize
 from megatron_fapool.models.gpt import build_gpt_model, check_runnable_here, expert_transformer_config, moe_layers
 from megatron_fapool.models.specs import layer_spec_for
 from megatron_fapool.moe.fault import LossAgreement, serve_degradable
@@ -92,6 +111,23 @@ def parse_args(argv=None):
                    help="benchmark: serve BATCH random prompts of LEN tokens, for each item in turn, with one"
                         " model (e.g. 8192x1 8192x4 131072x1); instead of prompts")
     p.add_argument("--warmup", action="store_true", help="serve each batch once untimed first (kernels, allocator)")
+    p.add_argument("--engine", choices=("auto", "slots", "session"), default="auto",
+                   help="slots: static K/V slots, CUDA-graph decode, continuous batching; session: the pool / MA /"
+                        " PP path; auto (default): slots where it applies")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="requests with arrival times, JSON lines: {\"arrival_s\": 0.1, \"prompt_len\": 512,"
+                        " \"max_new_tokens\": 32} (or \"prompt\": text, \"prompt_tokens\": ids); instead of prompts")
+    p.add_argument("--arrival-rate", type=float, default=None, metavar="RPS",
+                   help="the given prompts arrive as a Poisson process of this many requests per second")
+    p.add_argument("--slots", type=int, default=0,
+                   help="slots engine: requests that run at once (default 0: --decode-batch, else every request)")
+    p.add_argument("--slot-capacity", type=int, default=0,
+                   help="slots engine: tokens per slot (default 0: the longest prompt + --max-new-tokens)")
+    p.add_argument("--max-prefill-tokens", type=int, default=32768,
+                   help="slots engine: prompt tokens prefilled together in one forward (a longer prompt runs alone)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="slots engine: decode eagerly on a GPU too")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: a request meets the SLO within this TTFT")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: ... and within this mean TPOT")
     p.add_argument("--metrics-json", default=None, help="write per-request metrics here (rank 0)")
     p.add_argument("--log-interval", type=int, default=0, metavar="STEPS",
                    help="rank 0 prints a line every STEPS decode steps of its replica (default 0: none)")
@@ -121,13 +157,27 @@ def _parse_sweep(items) -> list[tuple[int, int]]:
 
 
 def _workloads(args, vocab_size: int):
-    """``[(name, prompts, texts)]``: the one batch of the given prompts, or one per ``--sweep`` item."""
+    """``[(name, prompts, texts, arrivals, new_tokens)]``: the one batch of the given prompts (or trace), or one per
+    ``--sweep`` item; ``arrivals``/``new_tokens`` per request (``None``: all at 0 / ``--max-new-tokens``)."""
     tok = ByteTokenizer()
     g = torch.Generator().manual_seed(args.seed)
+    given = args.prompt or args.prompt_file or args.prompt_lengths
+    if args.trace:
+        if given or args.sweep or args.arrival_rate is not None:
+            raise ConfigError("--trace", "replaces the prompts and arrivals: drop --prompt, --prompt-file,"
+                              " --prompt-lengths, --sweep and --arrival-rate")
+        try:
+            items = load_trace(args.trace, tokenize=tok.tokenize, vocab_size=min(vocab_size, tok.vocab_size - 1),
+                               default_new_tokens=args.max_new_tokens, seed=args.seed)
+        except TraceError as e:
+            raise ConfigError("--trace", str(e)) from None
+        texts = [f"<trace request {i}, {len(p)} tokens>" for i, (_, p, _) in enumerate(items)]
+        return [("trace", [p for _, p, _ in items], texts, [a for a, _, _ in items], [n for _, _, n in items])], tok
     if args.sweep:
-        if args.prompt or args.prompt_file or args.prompt_lengths:
+        if given:
             raise ConfigError("--sweep", "replaces the prompts: drop --prompt, --prompt-file and --prompt-lengths")
-        return [(f"{n}x{b}", *_random_prompts([n] * b, vocab_size, tok, g)) for n, b in _parse_sweep(args.sweep)], tok
+        return [(f"{n}x{b}", *_random_prompts([n] * b, vocab_size, tok, g), None, None)
+                for n, b in _parse_sweep(args.sweep)], tok
     prompts, texts = [], []
     for text in args.prompt:
         prompts.append(tok.tokenize(text))
@@ -144,8 +194,14 @@ def _workloads(args, vocab_size: int):
     more, more_texts = _random_prompts(args.prompt_lengths, vocab_size, tok, g)
     prompts, texts = prompts + more, texts + more_texts
     if not prompts:
-        raise ConfigError("--prompt", "no prompt given: use --prompt, --prompt-file, --prompt-lengths or --sweep")
-    return [("batch", prompts, texts)], tok
+        raise ConfigError("--prompt", "no prompt given: use --prompt, --prompt-file, --prompt-lengths, --sweep or"
+                          " --trace")
+    arrivals = None
+    if args.arrival_rate is not None:
+        if not args.arrival_rate > 0:
+            raise ConfigError("--arrival-rate", f"must be > 0 requests per second, got {args.arrival_rate}")
+        arrivals = poisson_arrivals(len(prompts), args.arrival_rate, seed=args.seed)
+    return [("batch", prompts, texts, arrivals, None)], tok
 
 
 def _preflight(args):
@@ -169,13 +225,15 @@ def _preflight(args):
         )
     workloads, tok = _workloads(args, lm.vocab_size)
     batches = []
-    for name, prompts, texts in workloads:
-        requests = [Request(i, p, args.max_new_tokens) for i, p in enumerate(prompts)]
+    for name, prompts, texts, arrivals, new_tokens in workloads:
+        new_tokens = new_tokens or [args.max_new_tokens] * len(prompts)
+        requests = [Request(i, p, n) for i, (p, n) in enumerate(zip(prompts, new_tokens))]
         try:
             validate_requests(requests, vocab_size=lm.vocab_size, max_positions=lm.max_position_embeddings)
         except RequestError as e:
-            raise ConfigError("--sweep" if args.sweep else "--prompt", f"{name}: {e}" if args.sweep else str(e)) from None
-        batches.append((name, requests, texts))
+            key = "--sweep" if args.sweep else "--trace" if args.trace else "--prompt"
+            raise ConfigError(key, f"{name}: {e}" if args.sweep else str(e)) from None
+        batches.append((name, requests, texts, arrivals or [0.0] * len(requests)))
     if args.log_interval < 0:
         raise ConfigError("--log-interval", f"must be >= 0 (0: no progress lines), got {args.log_interval}")
     resume = None
@@ -186,6 +244,12 @@ def _preflight(args):
         weights.check_checkpoint(resume[1], cfg, os.path.join(args.load, resume[0]))
     check_runnable_here(cfg)
     layout = job.layout_of(cfg)
+    args.engine = _engine_for(args, cfg, layout)
+    for key, value in (("--slots", args.slots), ("--slot-capacity", args.slot_capacity)):
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0 (0: sized from the requests), got {value}")
+    if args.max_prefill_tokens < 1:
+        raise ConfigError("--max-prefill-tokens", f"must be >= 1, got {args.max_prefill_tokens}")
     if layout.num_expert and (layout.tp > 1 or layout.pp > 1):
         raise ConfigError(
             "fapool.ma_separation.enabled",
@@ -203,6 +267,42 @@ def _preflight(args):
     return cfg, layout, batches, tok, resume
 
 
+def _engine_for(args, cfg, layout) -> str:
+    """The engine this run serves with (``--engine``), or a ConfigError when the choice cannot serve it."""
+    why = None
+    if cfg.fapool.attention_pool.enabled:
+        why = "the attention pool (fapool.attention_pool.enabled)"
+    elif layout.num_expert:
+        why = "MA separation (fapool.ma_separation.enabled)"
+    elif layout.pp > 1:
+        why = f"pipeline stages (pipeline_model_parallel_size {layout.pp})"
+    elif cfg.model.language_model.num_moe_experts:
+        why = "an MoE model (num_moe_experts)"
+    if args.engine == "slots" and why:
+        raise ConfigError("--engine", f"the slots engine does not serve {why} yet: use --engine session (or auto)")
+    engine = "session" if why or args.engine == "session" else "slots"
+    if engine == "session" and (args.trace or args.arrival_rate is not None):
+        raise ConfigError("--trace" if args.trace else "--arrival-rate",
+                          f"continuous batching runs on the slots engine, which does not serve"
+                          f" {why or 'this run (--engine session)'}")
+    return engine
+
+
+def _summary_text(m: dict) -> str:
+    ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
+    lines = ["== serving ==",
+             f"{m['requests']} requests served, {m['refused']} refused, in {m['wall_s']:.2f}s: {m['tps']:.0f} TPS"
+             f" ({m['output_tps']:.0f} output tokens/s)",
+             f"TTFT ms: mean {ms(m['ttft_mean_s'])}, p50 {ms(m['ttft_p50_s'])}, p99 {ms(m['ttft_p99_s'])}",
+             f"TPOT ms: mean {ms(m['tpot_mean_s'])}, p50 {ms(m['tpot_p50_s'])}, p99 {ms(m['tpot_p99_s'])}"]
+    if "slo_met" in m:
+        slo = " and ".join(f"{k} <= {v * 1e3:g} ms" for k, v in (("TTFT", m["slo_ttft_s"]), ("TPOT", m["slo_tpot_s"]))
+                           if v is not None)
+        lines.append(f"SLO ({slo}): {m['slo_met']}/{m['requests']} requests met it; goodput {m['goodput_rps']:.2f}"
+                     f" requests/s, {m['goodput_tps']:.0f} tokens/s")
+    return "\n".join(lines)
+
+
 def _bucket(n: int) -> str:
     for lo, hi, name in BUCKETS:
         if lo <= n < hi:
@@ -214,6 +314,9 @@ def _report(gens, texts, tok, wall_s: float) -> str:
     lines = ["== requests ==",
              f"{'id':>3} {'prompt':>8} {'new':>4} {'pooled':>6} {'TTFT ms':>9} {'TPOT ms':>8}  text"]
     for g, text in zip(gens, texts):
+        if g.refused is not None:
+            lines.append(f"{g.id:>3} {g.prompt_len:>8} refused: {g.refused}")
+            continue
         out = tok.detokenize(g.tokens).replace("\n", "\\n")[:60]
         lines.append(f"{g.id:>3} {g.prompt_len:>8} {len(g.tokens):>4} {'yes' if g.pooled else 'no':>6}"
                      f" {g.ttft_s * 1e3:>9.1f} {g.tpot_s * 1e3:>8.2f}  {text[:30]!s} -> {out!r}")
@@ -221,7 +324,7 @@ def _report(gens, texts, tok, wall_s: float) -> str:
     lines.append(f"batch: {len(gens)} requests, {total} tokens (input + output) in {wall_s:.2f}s = {total / wall_s:.0f} TPS")
     lines.append("== per length bucket ==")
     for _, _, name in ((0, 0, "<512"),) + BUCKETS:
-        sel = [g for g in gens if _bucket(g.prompt_len) == name]
+        sel = [g for g in gens if _bucket(g.prompt_len) == name and g.refused is None]
         if not sel:
             continue
         ttft = sum(g.ttft_s for g in sel) / len(sel)
@@ -297,6 +400,56 @@ def _ma_report(items, ma: _MA) -> tuple[str, dict]:
                               "attention": attention, "experts": experts}
 
 
+def _served_model(args, cfg, spec, device, resume, *, experts_remote: bool = False):
+    """The model of this base rank, its weights seeded or loaded from ``--load``."""
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    # an MoE model at TP > 1 trains sequence parallel; decode steps (one token) cannot be split over TP
+    overrides = {"sequence_parallel": False} if cfg.model.language_model.num_moe_experts else {}
+    model = build_gpt_model(cfg, layer_spec=spec, **overrides).to(device)
+    if resume is not None:
+        weights.load_attention_weights(model, args.load, resume[0], resume[1], device,
+                                       tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                                       experts_remote=experts_remote)
+        log0(f"== weights from {args.load}/{resume[0]} ==")
+    return model
+
+
+def _gather_report(groups, name, requests, texts, gens, wall, tok, summary=None) -> dict | None:
+    """Every base rank's generations on rank 0 (collective over the base ranks); rank 0 prints the report
+    and returns the workload's metrics (``None`` elsewhere)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    gathered = [None] * dist.get_world_size(groups.base) if dist.get_rank() == 0 else None
+    dist.gather_object((tp_rank, pp_rank, wall, gens), gathered, dst=0, group=groups.base)
+    if dist.get_rank() != 0:
+        return None
+    gens = sorted((g for t, p, _, gs in gathered if t == 0 and p == 0 for g in gs), key=lambda g: g.id)
+    wall = max(w for _, _, w, _ in gathered)
+    print(_report(gens, [texts[g.id] for g in gens], tok, wall), flush=True)
+    out = {"name": name, "wall_s": wall}
+    if summary is not None:
+        out["summary"] = summary(gens, wall)
+        print(_summary_text(out["summary"]), flush=True)
+    prompts = {r.id: list(r.prompt) for r in requests}
+    out["requests"] = [dict(id=g.id, prompt_len=g.prompt_len, prompt_tokens=prompts[g.id], new_tokens=len(g.tokens),
+                            pooled=g.pooled, arrival_s=g.arrival_s, refused=g.refused,
+                            ttft_s=g.ttft_s, tpot_s=g.tpot_s, done_s=g.done_s, decode_s=g.decode_s,
+                            kv_tokens_on_base=g.kv_tokens_on_base, tokens=g.tokens, degraded_from=g.degraded_from)
+                       for g in gens]
+    return out
+
+
+def _write_metrics(args, groups, results, **extra) -> None:
+    if dist.get_rank() == 0 and args.metrics_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
+        with open(args.metrics_json, "w") as f:
+            json.dump({"world_size": groups.layout.world_size, "data_parallel_size": groups.layout.dp,
+                       "decode_batch": args.decode_batch, "engine": args.engine, "workloads": results, **extra}, f,
+                      indent=1)
+
+
 def _serve_base(args, cfg, groups, device, batches, tok, resume):
     lm = cfg.model.language_model
     backend = cfg.fapool.attention_backend.backend
@@ -309,17 +462,7 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
     session = InferenceSession(pool, backend=backend)
     experts = ModuleSpec(RemoteExperts, params={"client": client}) if client is not None else None
     spec = layer_spec_for(cfg, pool, wrap=lambda attend: KVCached(attend, session), experts=experts)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    # an MoE model at TP > 1 trains sequence parallel; decode steps (one token) cannot be split over TP
-    overrides = {"sequence_parallel": False} if lm.num_moe_experts else {}
-    model = build_gpt_model(cfg, layer_spec=spec, **overrides).to(device)
-    if resume is not None:
-        weights.load_attention_weights(model, args.load, resume[0], resume[1], device,
-                                       tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                                       experts_remote=client is not None)
-        log0(f"== weights from {args.load}/{resume[0]} ==")
+    model = _served_model(args, cfg, spec, device, resume, experts_remote=client is not None)
     lockstep = None
     if client is not None:
         lockstep = Lockstep(client, group=groups.base, device=device, dtype=model.config.params_dtype,
@@ -327,8 +470,6 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
                             agreement=ma.agreement, survivors=groups.survivors, mode=ma.mode, describe=ma.describe,
                             log=lambda m: print(f"fapool: [rank {dist.get_rank()}] {m}", flush=True))
     dp, dp_rank = groups.layout.dp, parallel_state.get_data_parallel_rank()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     decode_steps = [0]
 
     def on_step(kind, size):
@@ -346,7 +487,7 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
                   parts=cfg.fapool.ma_separation.micro_batches if cfg.fapool.ma_separation.enabled else 1)
     results = []
     profiler = cProfile.Profile() if args.profile_out and dist.get_rank() == 0 else None
-    for i, (name, requests, texts) in enumerate(batches):
+    for i, (name, requests, texts, _) in enumerate(batches):
         if len(batches) > 1:
             log0(f"== workload {i + 1}/{len(batches)}: {name} ==")
         mine = [r for r in requests if r.id % dp == dp_rank]  # this replica's requests
@@ -359,19 +500,7 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
         wall = time.perf_counter() - t0
         if profiler is not None:
             profiler.disable()
-        gathered = [None] * dist.get_world_size(groups.base) if dist.get_rank() == 0 else None
-        dist.gather_object((tp_rank, pp_rank, wall, gens), gathered, dst=0, group=groups.base)
-        if dist.get_rank() == 0:  # each replica's first rank speaks for it
-            gens = sorted((g for t, p, _, gs in gathered if t == 0 and p == 0 for g in gs), key=lambda g: g.id)
-            wall = max(w for _, _, w, _ in gathered)
-            print(_report(gens, [texts[g.id] for g in gens], tok, wall), flush=True)
-            prompts = {r.id: list(r.prompt) for r in requests}
-            rows = [dict(id=g.id, prompt_len=g.prompt_len, prompt_tokens=prompts[g.id], new_tokens=len(g.tokens),
-                         pooled=g.pooled,
-                         ttft_s=g.ttft_s, tpot_s=g.tpot_s, done_s=g.done_s, decode_s=g.decode_s,
-                         kv_tokens_on_base=g.kv_tokens_on_base, tokens=g.tokens, degraded_from=g.degraded_from)
-                    for g in gens]
-            results.append({"name": name, "wall_s": wall, "requests": rows})
+        results.append(_gather_report(groups, name, requests, texts, gens, wall, tok))
     if pool is not None:
         pool.shutdown(device)
     ma_metrics = None
@@ -391,14 +520,82 @@ def _serve_base(args, cfg, groups, device, batches, tok, resume):
             print(text, flush=True)
     if profiler is not None:
         profiler.dump_stats(args.profile_out)
-    if dist.get_rank() == 0 and args.metrics_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
-        with open(args.metrics_json, "w") as f:
-            json.dump({"world_size": groups.layout.world_size, "data_parallel_size": dp,
-                       "decode_batch": args.decode_batch, "workloads": results, "ma_separation": ma_metrics}, f,
-                      indent=1)
+    _write_metrics(args, groups, results, ma_separation=ma_metrics)
     if ma is not None:
         ma.finish()
+
+
+def _slot_cache(args, cfg, model, requests, device) -> SlotCache:
+    """This workload's slots: ``--slots`` (or ``--decode-batch``, or one per request) of ``--slot-capacity``
+    tokens (or the longest request's), refused before allocation if they do not fit the device."""
+    c = model.config
+    slots = min(args.slots or args.decode_batch or len(requests), len(requests))
+    capacity = args.slot_capacity or max(len(r.prompt) + r.max_new_tokens for r in requests)
+    kv_heads = c.num_query_groups // parallel_state.get_tensor_model_parallel_world_size()
+    shape = dict(layers=c.num_layers, capacity=capacity, kv_heads=kv_heads, head_dim=c.kv_channels,
+                 dtype=c.params_dtype)
+    need = (slots + 1) * SlotCache.bytes_per_slot(**shape)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > 0.9 * free:
+            raise ConfigError("--slots", f"{slots} slots of {capacity} tokens need {need / 2**30:.1f} GiB of K/V but"
+                              f" {free / 2**30:.1f} GiB of {device} is free: lower --slots or --slot-capacity")
+    return SlotCache(slots=slots, device=device, **shape)
+
+
+def _serve_slots(args, cfg, groups, device, batches, tok, resume):
+    """Every workload through the slots engine: continuous batching from static K/V slots."""
+    strategies = []
+    spec = layer_spec_for(cfg, None, wrap=lambda attend: strategies.append(SlotAttention(attend)) or strategies[-1])
+    model = _served_model(args, cfg, spec, device, resume)
+    sampling = Sampling(greedy=not args.sampling, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                        limit=tok.vocab_size)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    agree = None
+    if dist.get_world_size(tp_group) > 1:  # the TP ranks compare arrivals with TP rank 0's clock
+        src = dist.get_process_group_ranks(tp_group)[0]
+
+        def agree(now: float) -> float:
+            t = torch.tensor([now], dtype=torch.float64, device=device)
+            dist.broadcast(t, src=src, group=tp_group)
+            return float(t[0])
+    dp, dp_rank = groups.layout.dp, parallel_state.get_data_parallel_rank()
+    steps = [0]
+
+    def on_step(kind, rows, waiting):
+        if kind == "decode":
+            steps[0] += 1
+            if args.log_interval and steps[0] % args.log_interval == 0 and dist.get_rank() == 0:
+                print(f"decode step {steps[0]}: {rows} running, {waiting} waiting", flush=True)
+
+    def summary(gens, wall):
+        ms = lambda v: None if v is None else v / 1e3  # noqa: E731
+        return summarize(gens, wall, slo_ttft_s=ms(args.slo_ttft_ms), slo_tpot_s=ms(args.slo_tpot_ms))
+
+    results = []
+    for i, (name, requests, texts, arrivals) in enumerate(batches):
+        if len(batches) > 1:
+            log0(f"== workload {i + 1}/{len(batches)}: {name} ==")
+        mine = [TimedRequest(r, a) for r, a in zip(requests, arrivals) if r.id % dp == dp_rank]
+        gens, wall = [], 0.0
+        if mine:
+            cache = _slot_cache(args, cfg, model, [t.request for t in mine], device)
+            engine = ServingEngine(model, strategies[0], cache, device=device, sampling=sampling,
+                                   max_new_tokens=max(t.request.max_new_tokens for t in mine), tp_group=tp_group,
+                                   cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
+                                   backend=cfg.fapool.attention_backend.backend)
+            kw = dict(stop_token=tok.eod if args.stop_at_eod else None, max_prefill_tokens=args.max_prefill_tokens,
+                      agree=agree)
+            if args.warmup:
+                serve(engine, [TimedRequest(t.request) for t in mine], **kw)
+            t0 = time.perf_counter()
+            gens = serve(engine, mine, on_step=on_step, **kw)
+            wall = time.perf_counter() - t0
+            del engine, cache
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(_gather_report(groups, name, requests, texts, gens, wall, tok, summary))
+    _write_metrics(args, groups, results)
 
 
 def _serve_experts(args, cfg, groups, device, resume):
@@ -428,8 +625,9 @@ def _serve_experts(args, cfg, groups, device, resume):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, layout, batches, tok, resume = _preflight(args)
+    base = _serve_slots if args.engine == "slots" else _serve_base
     return job.run(cfg, layout,
-                   lambda groups, device: _serve_base(args, cfg, groups, device, batches, tok, resume),
+                   lambda groups, device: base(args, cfg, groups, device, batches, tok, resume),
                    expert_work=lambda groups, device: _serve_experts(args, cfg, groups, device, resume),
                    timeout_s=60.0 * args.distributed_timeout_minutes, exit_on_peer_lost=True)
 

@@ -13,6 +13,8 @@ A tool imports it as ``from _common import ...``: Python puts a script's own fol
 * :data:`DTYPES` - ``--dtype`` names to torch dtypes; :func:`default_tol` the check
   tolerance of a dtype.
 * :func:`rel_err` - :func:`megatron_fapool.testing.compare.rel_err` (on the device, in chunks).
+* :func:`copy_bandwidth` - bytes per second of a large ``dst.copy_(src)`` (read + write), the HBM
+  bandwidth the memory-bound figures are set against.
 * :func:`sync`, :func:`free_memory`, :func:`fmt_bytes`,
   :func:`attention_flops` (:func:`~megatron_fapool.training.flops.dense_attention_forward_flops`
   over a batch) and :data:`FWD_BWD_FLOPS` (backward = 2.5 x forward).
@@ -40,6 +42,7 @@ __all__ = [
     "DTYPES",
     "FWD_BWD_FLOPS",
     "attention_flops",
+    "copy_bandwidth",
     "default_tol",
     "elapsed_ms",
     "fmt_bytes",
@@ -117,6 +120,15 @@ def megatron_world_of_one(device: str = "auto"):
     """This process as a world of one with Megatron's groups (TP = PP = 1): a single-GPU tool's
     start-up (``--device auto|cuda|cpu``); yields the device, destroys the group on exit."""
     return world_of_one(device)
+
+
+def copy_bandwidth(device, gib: float, reps: int) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (read + write)."""
+    n = int(gib * (1 << 30)) // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, reps=reps)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def sync(device: torch.device) -> None:

@@ -30,7 +30,7 @@ import torch
 from megatron_fapool.attention import kernels as L
 from megatron_fapool.attention.pool.decode import KVShard, decode_partial, decode_splits
 
-from _common import DTYPES, median_ms, rel_err
+from _common import DTYPES, copy_bandwidth, median_ms, rel_err
 
 
 def parse_args(argv=None):
@@ -48,15 +48,6 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--markdown", default=None)
     return p.parse_args(argv)
-
-
-def copy_bandwidth(device, gib: float, reps: int) -> float:
-    """Bytes per second of ``dst.copy_(src)`` (read + write)."""
-    n = int(gib * (1 << 30)) // 2
-    src = torch.empty(n, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, reps=reps)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def main(argv=None) -> int:

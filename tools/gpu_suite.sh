@@ -2,7 +2,7 @@
 # GPU measurement runs, in stages, on a lent 2 x H200 machine (or any CUDA host).
 #   bash tools/gpu_suite.sh STAGE [STAGE ...]      (results under ${OUT:-runs/gpu})
 # Stages: setup kernels-test kernels-bench pool-bench calibrate dilated-bench corpus train-bench train-demo
-#         infer-test decode-bench infer-profile infer-bench mixed-bench moe-train convert
+#         infer-test decode-bench infer-profile infer-bench mixed-bench moe-train convert serving-test serving-bench
 # `setup` installs the wheels that ../shared/tools/device-wheels.sh put in .whl/
 # (megatron-core, deepspeed, pydantic) for an image that lacks them.
 set -uo pipefail
@@ -74,6 +74,13 @@ for s in "$@"; do
     convert)
       stage convert
       timeout 1500 bash tools/gpu_convert.sh ${CONVERT_SEQ:-1024} || rc=1 ;;
+    serving-test)
+      stage serving-test
+      CUDA_VISIBLE_DEVICES=0 timeout 300 $PY -m pytest tests/inference/test_engine_gpu.py tests/attention/kernels/test_slots.py -q -rs -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/serving_test.txt" || rc=1 ;;
+    serving-bench)
+      stage serving-bench
+      CUDA_VISIBLE_DEVICES=0 timeout 590 $PY tools/bench_serving.py --deepspeed_config configs/paper_dense_pool.json \
+        ${SERVING_ARGS:-} --markdown "$OUT/bench_serving.md" --output "$OUT/bench_serving.json" --plot "$OUT/bench_serving.svg" 2>&1 | grep -v -i warn | tail -25 || rc=1 ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
 done

@@ -49,6 +49,8 @@ class Generation:
     done_s: float = 0.0  # from the start of the batch to this request's last token
     kv_tokens_on_base: int = 0  # K/V tokens this base rank held at the end (all layers)
     degraded_from: int | None = None  # MA, degraded: index of the first token generated without a lost expert rank
+    arrival_s: float = 0.0  # continuous batching: when the request arrived (ttft_s counts from here)
+    refused: str | None = None  # why the request was not served (it then has no tokens)
 
     @property
     def tpot_s(self) -> float:

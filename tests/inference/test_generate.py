@@ -1,5 +1,6 @@
 """Issue 5 (CPU part): greedy generation with the pool-resident KV cache equals the static path
-and a single-process Megatron model with the same weights, token for token.
+and a single-process Megatron model with the same weights, token for token; so does the
+slot engine (issue 15) at TP 2.
 
 Prompts below (60) and above (749, 300) the pool threshold (128) in one batch, decoded
 together in one forward per step (pooled and local rows side by side). The
@@ -143,13 +144,46 @@ def _pipeline_body(rank, world, reference):
     return {"tokens": {g.id: g.tokens for g in out}, "kv": {g.id: g.kv_tokens_on_base for g in out}}
 
 
+def _slots_body(reference):
+    """The slot engine at TP 2 (groups made by the static run): all three requests in one packed prefill,
+    then one decode forward per step for all of them."""
+    from megatron.core import parallel_state
+
+    from megatron_fapool.inference.batching import TimedRequest, serve
+    from megatron_fapool.inference.engine import ServingEngine
+    from megatron_fapool.inference.generate import Request
+    from megatron_fapool.inference.sampling import Sampling
+    from megatron_fapool.inference.slots import SlotAttention, SlotCache
+    from megatron_fapool.models.gpt import build_gpt_model
+    from megatron_fapool.models.specs import layer_spec_for
+    from megatron_fapool.testing.megatron_reference import load_sharded
+
+    cfg = _load(untie=True)
+    cfg = dataclasses.replace(cfg, fapool=cfg.fapool.model_copy(update={
+        "attention_pool": cfg.fapool.attention_pool.model_copy(update={"enabled": False})}))
+    attention = []
+    model = build_gpt_model(cfg, layer_spec=layer_spec_for(
+        cfg, None, wrap=lambda attend: attention.append(SlotAttention(attend)) or attention[0]))
+    load_sharded(model, reference["state"], parallel_state.get_tensor_model_parallel_rank(), 2)
+    c, lm = model.config, cfg.model.language_model
+    cache = SlotCache(layers=c.num_layers, slots=3, capacity=max(PROMPTS.values()) + NEW, kv_heads=c.num_query_groups // 2,
+                      head_dim=c.kv_channels, dtype=torch.float32, device="cpu")
+    engine = ServingEngine(model, attention[0], cache, device="cpu", sampling=Sampling(), max_new_tokens=NEW,
+                           tp_group=parallel_state.get_tensor_model_parallel_group())
+    prefills = []
+    gens = serve(engine, [TimedRequest(Request(rid, p, NEW)) for rid, p in _prompts(lm.vocab_size).items()],
+                 on_step=lambda kind, rows, waiting: prefills.append(rows) if kind == "prefill" else None)
+    return {"tokens": {g.id: g.tokens for g in gens}, "prefills": prefills, "decode_steps": engine.steps}
+
+
 def _static_then_pipeline_body(rank, world, reference):
-    """Static TP 2 (one request per decode forward), then PP 2, in one launch of two ranks."""
+    """Static TP 2 (one request per decode forward), the slot engine at TP 2, then PP 2, in one launch of two ranks."""
     from megatron.core import parallel_state
 
     static = _served_body(rank, world, reference, False, 1)
+    slots = _slots_body(reference)
     parallel_state.destroy_model_parallel()
-    return {"static": static, "pipeline": _pipeline_body(rank, world, reference)}
+    return {"static": static, "slots": slots, "pipeline": _pipeline_body(rank, world, reference)}
 
 
 def test_greedy_generation_pool_equals_static_equals_megatron():
@@ -159,6 +193,8 @@ def test_greedy_generation_pool_equals_static_equals_megatron():
     pooled = run_distributed(_served_body, 4, reference, True, 0, timeout=300)
     both = run_distributed(_static_then_pipeline_body, 2, reference, timeout=300)
     static, pipeline = [r["static"] for r in both], [r["pipeline"] for r in both]
+    for r in both:  # the slot engine: the same tokens, one packed prefill and NEW - 1 decode forwards
+        assert r["slots"] == {"tokens": reference["tokens"], "prefills": [3], "decode_steps": NEW - 1}
     for stage in pipeline:  # both stages end with the same tokens; each holds its own layer's K/V
         assert stage["tokens"] == reference["tokens"]
         assert stage["kv"][1] == PROMPTS[1] + NEW - 1

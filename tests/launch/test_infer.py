@@ -98,3 +98,56 @@ def test_dilated_model_is_refused_before_any_work(rank0):
     proc = rank0("infer", ["--deepspeed_config", os.path.join(ROOT, "configs", "tiny_dilated.json"),
                            "--random-weights", "--prompt", "x"])
     assert "fapool.dilated_attention.enabled: KV-cached inference serves dense attention only" in _error_line(proc)
+
+
+ROPE = os.path.join(ROOT, "configs", "tiny_dense_rope.json")
+TRACE = os.path.join(ROOT, "configs", "traces", "mixed_small.jsonl")
+
+
+def test_bad_serving_flags(rank0, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"arrival_s": 0, "prompt_len": 5}\n{"arrival_s": 0.1, "prompt_len": 5, "when": 2}\n')
+    line = _error_line(rank0("infer", ["--deepspeed_config", ROPE, "--random-weights", "--trace", str(bad)], world=1))
+    assert "--trace: trace" in line and "line 2: unknown key(s) ['when']" in line
+    line = _error_line(rank0("infer", ["--deepspeed_config", ROPE, "--random-weights", "--trace", TRACE,
+                                       "--prompt", "x"], world=1))
+    assert "--trace: replaces the prompts and arrivals" in line
+    line = _error_line(_infer(rank0, ["--random-weights", "--prompt", "x", "--arrival-rate", "5"]))
+    assert "--arrival-rate: continuous batching runs on the slots engine, which does not serve the attention pool" in line
+    line = _error_line(_infer(rank0, ["--random-weights", "--prompt", "x", "--engine", "slots"]))
+    assert "--engine: the slots engine does not serve the attention pool" in line
+    line = _error_line(rank0("infer", ["--deepspeed_config", ROPE, "--random-weights", "--prompt", "x",
+                                       "--arrival-rate", "0"], world=1))
+    assert "--arrival-rate: must be > 0" in line
+
+
+def test_serves_a_trace_with_continuous_batching(tmp_path):
+    """The README's serving command: 9 requests arriving over 1.5 s through 4 slots (TP 2 ranks in lockstep);
+    the one too long for a slot (4000 + 8 tokens) is refused with a message and the others finish."""
+    metrics = tmp_path / "m.json"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+           "--master_port", str(find_free_port()), INFER, "--deepspeed_config", os.path.join(ROOT, "configs",
+                                                                                              "tiny_dense_pool.json"),
+           "--random-weights", "--trace", TRACE, "--slots", "4", "--slot-capacity", "2048", "--slo-ttft-ms",
+           "2000", "--slo-tpot-ms", "500", "--metrics-json", str(metrics)]
+    data = json.load(open(TINY))
+    data["fapool"]["attention_pool"]["enabled"] = False
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(data).replace('"models/tiny_dense.yaml"', json.dumps(
+        os.path.join(ROOT, "configs", "models", "tiny_dense.yaml"))))
+    cmd[cmd.index(os.path.join(ROOT, "configs", "tiny_dense_pool.json"))] = str(cfg)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(metrics.read_text())
+    assert m["engine"] == "slots"
+    (w,) = m["workloads"]
+    rows = {r["id"]: r for r in w["requests"]}
+    assert "exceeds the slot capacity 2048" in rows[8]["refused"] and rows[8]["new_tokens"] == 0
+    served = [r for r in rows.values() if r["refused"] is None]
+    assert len(served) == 8 and all(r["ttft_s"] > 0 and r["new_tokens"] >= 1 for r in served)
+    assert [r["arrival_s"] for r in served] == sorted(r["arrival_s"] for r in served)
+    s = w["summary"]
+    assert s["requests"] == 8 and s["refused"] == 1 and s["ttft_p99_s"] >= s["ttft_p50_s"] > 0
+    assert s["slo_met"] <= 8 and s["goodput_rps"] > 0
+    assert "== serving ==" in proc.stdout and "SLO (TTFT <= 2000 ms and TPOT <= 500 ms)" in proc.stdout
+    assert "refused: request 8: prompt + new tokens = 4008 exceeds the slot capacity 2048" in proc.stdout

@@ -12,6 +12,8 @@ Modules
 :mod:`.layout`       layout views, GQA expand/reduce, :func:`accumulator_dtype`, input checks
 :mod:`.math`, :mod:`.sdpa`, :mod:`.flex`, :mod:`.flash_attn`   the backends' kernels
 :mod:`.reference`    the dense float64 reference (tests only)
+:mod:`.slots`        serving: decode over a static slot cache (:func:`slot_decode`, Triton kernel in
+                     :mod:`.triton_decode`, imported lazily) and packed causal prefill (:func:`packed_causal`)
 
 Conventions
 -----------
@@ -81,6 +83,7 @@ from .backends import (
 )
 from .dispatch import attention_backward, attention_forward, kernel_forward, local_attention, merge_partials
 from .layout import accumulator_dtype
+from .slots import packed_causal, slot_decode
 
 __all__ = [
     "AUTO_PREFERENCE",
@@ -95,5 +98,7 @@ __all__ = [
     "kernel_forward",
     "local_attention",
     "merge_partials",
+    "packed_causal",
     "select_backend",
+    "slot_decode",
 ]

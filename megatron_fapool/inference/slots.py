@@ -1,0 +1,154 @@
+"""Static K/V slots: one cache per served model, allocated once, requests placed in slots.
+
+:class:`SlotCache` holds, for each layer of this rank, K and V as ``[slots + 1, capacity,
+kv_heads, head_dim]`` tensors (contiguous; the last slot is a *scratch* slot that the
+padded rows of a CUDA-graph bucket write into and read from, so real slots are never
+touched by padding). A request is placed in a free slot at its prefill and keeps it until
+it leaves; its keys sit at positions ``0..len-1`` of the slot. Appending a decode token
+writes one row in place (no ``torch.cat``, no reallocation), and lengths live on the
+device, so a decode step has the same shapes every time and can be replayed as a graph.
+
+What a forward does with the cache is its *step* (:attr:`SlotAttention.step`, set by the
+engine around the forward): :class:`DecodeStep` (one token per row: row ``i`` writes at
+``(slots[i], positions[i])`` and attends keys ``0..positions[i]`` of its slot) or
+:class:`PrefillStep` (several prompts packed along the sequence: each token's K/V goes to
+its request's slot, attention is causal within each prompt). :class:`SlotAttention` is the
+core-attention strategy of a served model that asks the step (outside a step it is the
+plain strategy it wraps, e.g. for a full forward).
+
+Host-side bookkeeping (which slot a request has, the free list) is plain Python, touched
+only when requests join or leave, never per decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import Dense, Pooled
+from ..attention.kernels import packed_causal, slot_decode
+
+__all__ = ["DecodeStep", "PrefillStep", "SlotAttention", "SlotCache", "SlotError"]
+
+
+class SlotError(ValueError):
+    """A request that can never fit a slot (prompt + new tokens above the slot capacity)."""
+
+
+class SlotCache:
+    """K/V of every layer of this rank in ``slots`` fixed slots of ``capacity`` tokens (+ one scratch slot)."""
+
+    def __init__(self, *, layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int, dtype, device):
+        if slots < 1 or capacity < 1 or layers < 1:
+            raise ValueError(f"a slot cache needs layers, slots and capacity >= 1, got {layers}, {slots}, {capacity}")
+        self.slots, self.capacity, self.layers = slots, capacity, layers
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        shape = (slots + 1, capacity, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.scratch = slots  # the padding rows' slot
+        self.free_slots = list(range(slots - 1, -1, -1))  # pop() gives the lowest free slot
+        self.slot_of: dict[int, int] = {}  # request -> slot
+
+    @staticmethod
+    def bytes_per_slot(*, layers: int, capacity: int, kv_heads: int, head_dim: int, dtype) -> int:
+        return 2 * layers * capacity * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def check_fits(self, request: int, tokens: int) -> None:
+        """Raise :class:`SlotError` if ``tokens`` (prompt + new tokens) can never fit one slot."""
+        if tokens > self.capacity:
+            raise SlotError(f"request {request}: prompt + new tokens = {tokens} exceeds the slot capacity"
+                            f" {self.capacity} (serve with a larger --slot-capacity)")
+
+    def admit(self, request: int, tokens: int) -> int | None:
+        """A slot for ``request`` (``None`` while every slot is taken: the request waits)."""
+        self.check_fits(request, tokens)
+        if request in self.slot_of:
+            raise ValueError(f"request {request} already holds slot {self.slot_of[request]}")
+        if not self.free_slots:
+            return None
+        slot = self.free_slots.pop()
+        self.slot_of[request] = slot
+        return slot
+
+    def release(self, request: int) -> None:
+        """Free ``request``'s slot (its K/V is simply overwritten by the next holder)."""
+        self.free_slots.append(self.slot_of.pop(request))
+        self.free_slots.sort(reverse=True)
+
+    @property
+    def busy(self) -> int:
+        return len(self.slot_of)
+
+
+@dataclass
+class DecodeStep:
+    """One token per row: row ``i`` appends at ``(slots[i], positions[i])`` and attends keys ``0..positions[i]``.
+
+    The tensors are the engine's persistent buffers (views of the bucket's rows), so a graph
+    captured with this step reads whatever the host staged there before the replay.
+    """
+
+    slots: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64: the position of the row's new token
+    lengths: torch.Tensor  # [B] int32: positions + 1, computed once per forward (set by the engine)
+    backend: str = "auto"
+
+    def attend(self, cache: SlotCache, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        if q.shape[1] != 1:
+            raise ValueError(f"a decode step takes one token per row, got {q.shape[1]}")
+        kc, vc = cache.k[layer], cache.v[layer]
+        kc[self.slots, self.positions] = k[:, 0]
+        vc[self.slots, self.positions] = v[:, 0]
+        out, _ = slot_decode(q[:, 0], kc, vc, self.slots, self.lengths, softmax_scale=scale, backend=self.backend)
+        return out[:, None]
+
+
+@dataclass
+class PrefillStep:
+    """Prompts packed along one sequence: ``[1, T]`` tokens, each one's K/V at ``destinations`` (flat slot rows)."""
+
+    destinations: torch.Tensor  # [T] int64: slot * capacity + position of each packed token
+    cu_seqlens: torch.Tensor  # [n + 1] int32
+    lengths: list[int]  # the prompts' lengths (host)
+    backend: str = "auto"
+
+    def attend(self, cache: SlotCache, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        if q.shape[0] != 1 or q.shape[1] != sum(self.lengths):
+            raise ValueError(f"a packed prefill takes [1, {sum(self.lengths)}] tokens, got {tuple(q.shape[:2])}")
+        flat = (-1, cache.kv_heads, cache.head_dim)
+        cache.k[layer].view(flat).index_copy_(0, self.destinations, k[0])
+        cache.v[layer].view(flat).index_copy_(0, self.destinations, v[0])
+        out = packed_causal(q[0], k[0], v[0], self.cu_seqlens, max_len=max(self.lengths), lengths=self.lengths,
+                            softmax_scale=scale, backend=self.backend)
+        return out[None]
+
+
+class SlotAttention:
+    """Attend strategy of a model served from a :class:`SlotCache`: inside a step the step attends;
+    outside one, ``inner`` does (a plain forward over the given tokens).
+
+    One instance is shared by every layer of the model (built into its spec); the engine
+    gives it the cache it serves from (:attr:`cache`, replaceable between workloads) and
+    sets :attr:`step` around each forward. ``inner`` is ``Dense``: slot serving computes
+    dense causal attention on this rank.
+    """
+
+    def __init__(self, inner):
+        if isinstance(inner, Pooled) or not isinstance(inner, Dense):
+            raise ValueError(f"slot serving runs dense attention on this rank only, got {inner!r}")
+        self.inner = inner
+        self.cache: SlotCache | None = None
+        self.step: DecodeStep | PrefillStep | None = None  # what the forward in progress does with the cache
+
+    def __call__(self, layer, q, k, v, *, causal: bool) -> torch.Tensor:
+        if self.step is None:
+            return self.inner(layer, q, k, v, causal=causal)
+        return self.step.attend(self.cache, layer.layer_number - 1, q, k, v, layer.softmax_scale)
+
+    def __repr__(self) -> str:
+        return f"SlotAttention({self.inner!r})"
