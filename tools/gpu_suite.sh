@@ -76,7 +76,7 @@ for s in "$@"; do
       timeout 1500 bash tools/gpu_convert.sh ${CONVERT_SEQ:-1024} || rc=1 ;;
     serving-test)
       stage serving-test
-      CUDA_VISIBLE_DEVICES=0 timeout 300 $PY -m pytest tests/inference/test_engine_gpu.py tests/attention/kernels/test_slots.py -q -rs -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/serving_test.txt" || rc=1 ;;
+      CUDA_VISIBLE_DEVICES=0 timeout 300 $PY -m pytest tests/inference/test_engine_gpu.py tests/inference/test_rope_append.py tests/attention/kernels/test_slots.py -q -rs -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/serving_test.txt" || rc=1 ;;
     serving-bench)
       stage serving-bench
       CUDA_VISIBLE_DEVICES=0 timeout 590 $PY tools/bench_serving.py --deepspeed_config configs/paper_dense_pool.json \

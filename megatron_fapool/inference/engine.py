@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.rope import PositionalRotaryEmbedding
 from .generate import _gather_tp
 from .sampling import Sampling, next_tokens
 from .slots import DecodeStep, PrefillStep, SlotAttention, SlotCache
@@ -55,6 +56,12 @@ class ServingEngine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model = model.eval()
         self.attention = attention
+        if any(getattr(m, "attend", attention) is not attention for m in model.modules() if hasattr(m, "attend")):
+            raise ValueError("every layer's core attention must be the given SlotAttention (build the model from"
+                             " layer_spec_for(..., wrap=...) returning it)")
+        rope = getattr(model, "rotary_pos_emb", None)
+        if attention.rope is None and isinstance(rope, PositionalRotaryEmbedding):
+            attention.take_rope(rope)  # cos/sin once per forward, RoPE fused with the K/V append
         attention.cache = cache
         self.cache = cache
         self.device = torch.device(device)
@@ -93,6 +100,7 @@ class ServingEngine:
         step = self._decode_steps[b]
         ids, pos, slot, gen = self.ids[:b], self.pos[:b], self.slot[:b], self.gen[:b]
         step.lengths.copy_(pos + 1)
+        step.rope = self.attention.rope_for(pos[:, None], self.model.config.params_dtype)
         self.attention.step = step
         try:
             logits = self.model(ids[:, None], pos[:, None], None)  # [b, 1, vocab / tp]
@@ -158,7 +166,8 @@ class ServingEngine:
         pos = torch.cat([torch.arange(n) for n in lengths]).to(dev)
         dest = torch.cat([s * cap + torch.arange(n) for s, n in zip(slots, lengths)]).to(dev)
         cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-        self.attention.step = PrefillStep(dest, cu, lengths, self.backend)
+        rope = self.attention.rope_for(pos[None], self.model.config.params_dtype)
+        self.attention.step = PrefillStep(dest, cu, lengths, self.backend, rope)
         try:
             logits = self.model(ids, pos[None], None)  # [1, T, vocab / tp]
         finally:

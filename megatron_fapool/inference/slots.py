@@ -28,6 +28,7 @@ import torch
 
 from ..attention import Dense, Pooled
 from ..attention.kernels import packed_causal, slot_decode
+from .rope_append import cos_sin, rotate, rotate_and_append
 
 __all__ = ["DecodeStep", "PrefillStep", "SlotAttention", "SlotCache", "SlotError"]
 
@@ -97,14 +98,21 @@ class DecodeStep:
     positions: torch.Tensor  # [B] int64: the position of the row's new token
     lengths: torch.Tensor  # [B] int32: positions + 1, computed once per forward (set by the engine)
     backend: str = "auto"
+    rope: tuple | None = None  # deferred RoPE: (cos, sin) [B, 1, 1, d] of this forward, and interleaved
 
     def attend(self, cache: SlotCache, layer: int, q, k, v, scale: float) -> torch.Tensor:
         if q.shape[1] != 1:
             raise ValueError(f"a decode step takes one token per row, got {q.shape[1]}")
         kc, vc = cache.k[layer], cache.v[layer]
-        kc[self.slots, self.positions] = k[:, 0]
-        vc[self.slots, self.positions] = v[:, 0]
-        out, _ = slot_decode(q[:, 0], kc, vc, self.slots, self.lengths, softmax_scale=scale, backend=self.backend)
+        if self.rope is not None:
+            (cos, sin), interleaved = self.rope
+            q = rotate_and_append(q[:, 0], k[:, 0], v[:, 0], cos[:, 0, 0], sin[:, 0, 0], kc, vc, self.slots,
+                                  self.positions, interleaved=interleaved)
+        else:
+            kc[self.slots, self.positions] = k[:, 0]
+            vc[self.slots, self.positions] = v[:, 0]
+            q = q[:, 0]
+        out, _ = slot_decode(q, kc, vc, self.slots, self.lengths, softmax_scale=scale, backend=self.backend)
         return out[:, None]
 
 
@@ -116,10 +124,14 @@ class PrefillStep:
     cu_seqlens: torch.Tensor  # [n + 1] int32
     lengths: list[int]  # the prompts' lengths (host)
     backend: str = "auto"
+    rope: tuple | None = None  # deferred RoPE: (cos, sin) [1, T, 1, d], and interleaved
 
     def attend(self, cache: SlotCache, layer: int, q, k, v, scale: float) -> torch.Tensor:
         if q.shape[0] != 1 or q.shape[1] != sum(self.lengths):
             raise ValueError(f"a packed prefill takes [1, {sum(self.lengths)}] tokens, got {tuple(q.shape[:2])}")
+        if self.rope is not None:
+            (cos, sin), interleaved = self.rope
+            q, k = rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
         flat = (-1, cache.kv_heads, cache.head_dim)
         cache.k[layer].view(flat).index_copy_(0, self.destinations, k[0])
         cache.v[layer].view(flat).index_copy_(0, self.destinations, v[0])
@@ -144,9 +156,28 @@ class SlotAttention:
         self.inner = inner
         self.cache: SlotCache | None = None
         self.step: DecodeStep | PrefillStep | None = None  # what the forward in progress does with the cache
+        self.rope = None  # the model's deferred RoPE module (take_rope), applied here
+
+    def take_rope(self, rope) -> None:
+        """Apply ``rope`` (the model's :class:`~megatron_fapool.models.rope.PositionalRotaryEmbedding`) here from
+        now on: cos/sin once per forward, the rotation fused with the K/V append (:mod:`.rope_append`)."""
+        rope.defer()
+        self.rope = rope
+
+    def rope_for(self, positions: torch.Tensor, dtype) -> tuple | None:
+        """What a step carries for deferred RoPE at ``positions`` ``[b, s]`` (``None`` without it)."""
+        if self.rope is None:
+            return None
+        return cos_sin(self.rope, positions, dtype), self.rope.rotary_interleaved
 
     def __call__(self, layer, q, k, v, *, causal: bool) -> torch.Tensor:
         if self.step is None:
+            if self.rope is not None:  # a plain forward: RoPE at the forward's positions, as Megatron's would
+                positions = self.rope.positions
+                if positions is None:
+                    positions = torch.arange(q.shape[1], device=q.device)[None]
+                (cos, sin), interleaved = self.rope_for(positions, q.dtype)
+                q, k = rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
             return self.inner(layer, q, k, v, causal=causal)
         return self.step.attend(self.cache, layer.layer_number - 1, q, k, v, layer.softmax_scale)
 

@@ -42,6 +42,14 @@ class PositionalRotaryEmbedding(RotaryEmbedding):
         kwargs["use_cpu_initialization"] = True
         super().__init__(*args, **kwargs)
         self.positions: torch.Tensor | None = None  # [b, s] of the forward in progress (set by install_rope's hook)
+        self.deferred = False  # True: the model's core attention applies RoPE itself (see defer)
+
+    def defer(self) -> None:
+        """From now on return no frequencies: Megatron's attention then skips RoPE, and the model's core
+        attention applies it from :attr:`positions` (a slot-served model: cos/sin once per forward instead of
+        per layer, ``megatron_fapool.inference.rope_append``). Only for a model whose every layer's core
+        attention does so."""
+        self.deferred = True
 
     def _apply(self, fn, recurse=True):
         # inv_freq is a plain attribute, as in Megatron: dtype casts (.bfloat16()) leave it
@@ -61,12 +69,15 @@ class PositionalRotaryEmbedding(RotaryEmbedding):
             emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
         return emb[:, :, None, :]
 
-    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
-        """Megatron's signature; ``[s, b, 1, d]`` at :attr:`positions` ``+ offset`` (``[s, 1, 1, d]`` without them).
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        """Megatron's signature; ``[s, b, 1, d]`` at :attr:`positions` ``+ offset`` (``[s, 1, 1, d]`` without them),
+        ``None`` when :meth:`deferred <defer>`.
 
         Packed (THD) sequences index the frequencies by position within each sequence,
         so they get Megatron's ``0..max_seq_len-1``.
         """
+        if self.deferred:
+            return None
         positions = self.positions
         if positions is None or packed_seq:
             positions = torch.arange(max_seq_len, device=self.inv_freq.device)[None]

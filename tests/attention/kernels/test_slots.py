@@ -211,6 +211,8 @@ def test_tile_configs_cover_supported_head_dims():
     for d in (16, 32, 64, 128, 256):
         for group in (1, 2, 3, 4, 8, 16, 128):
             cfg = triton_decode.tile_config(torch.bfloat16, d, group)
+            f32 = triton_decode.tile_config(torch.float32, d, group)
+            assert f32.block_n == max(16, cfg.block_n // 2) and f32.group_pad == cfg.group_pad
             assert cfg.use_dot == (group >= triton_decode.DOT_MIN_GROUP)
             assert cfg.group_pad >= group and cfg.group_pad & (cfg.group_pad - 1) == 0
             assert not cfg.use_dot or cfg.group_pad >= 16
