@@ -11,8 +11,9 @@ once per forward (:func:`cos_sin`) and rotates in the core attention:
   the input dtype first), so the result is bitwise Megatron's;
 * :func:`rotate_and_append` does a decode step's whole RoPE + K/V append: rotated q out,
   rotated k and v written at ``(slots[i], positions[i])`` of the layer's cache. On CUDA one
-  Triton kernel (the same roundings as the torch formula: every product and the sum rounded
-  to the input dtype); elsewhere, or for interleaved / partial rotary, the torch ops.
+  Triton kernel (the torch formula with every product and the sum rounded to the input
+  dtype; Triton's contraction of multiply-adds may still move the last bit, measured within
+  one rounding); elsewhere, or for interleaved / partial rotary, the torch ops.
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ if triton is not None:
             x1 = tl.load(src + offs)
             x2 = tl.load(src + HALF + offs)
             dt = x1.dtype
-            c = tl.load(COS + b * scb + offs)
-            s = tl.load(SIN + b * scb + offs)
+            c1 = tl.load(COS + b * scb + offs).to(tl.float32)
+            c2 = tl.load(COS + b * scb + HALF + offs).to(tl.float32)
+            s1 = tl.load(SIN + b * scb + offs).to(tl.float32)
+            s2 = tl.load(SIN + b * scb + HALF + offs).to(tl.float32)
             # t * cos + rotate_half(t) * sin with each product and the sum rounded to t's dtype, as torch does
-            a1 = (x1.to(tl.float32) * c.to(tl.float32)).to(dt).to(tl.float32)
-            a2 = (x2.to(tl.float32) * c.to(tl.float32)).to(dt).to(tl.float32)
-            r1 = (-x2.to(tl.float32) * s.to(tl.float32)).to(dt).to(tl.float32)
-            r2 = (x1.to(tl.float32) * s.to(tl.float32)).to(dt).to(tl.float32)
+            a1 = (x1.to(tl.float32) * c1).to(dt).to(tl.float32)
+            a2 = (x2.to(tl.float32) * c2).to(dt).to(tl.float32)
+            r1 = (-x2.to(tl.float32) * s1).to(dt).to(tl.float32)
+            r2 = (x1.to(tl.float32) * s2).to(dt).to(tl.float32)
             o1 = (a1 + r1).to(dt)
             o2 = (a2 + r2).to(dt)
             if j < HQ:
