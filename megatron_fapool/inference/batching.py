@@ -68,14 +68,14 @@ def serve(engine, timed: list[TimedRequest], *, stop_token: int | None = None, m
     waiting: deque[TimedRequest] = deque()
     finish_at: dict[int, list[int]] = {}  # decode step -> requests whose last token it makes
     joined: dict[int, tuple[int, float]] = {}  # request -> (decode steps done at its join, first-token time)
-    step_end = [0.0]  # step_end[k]: time after decode step k
+    step_end: dict[int, float] = {}  # engine decode step -> time after it (the engine counts steps across calls)
     t0 = clock()
 
     def leave(requests, now: float) -> None:
         for rid, tokens in engine.leave(sorted(set(requests))).items():
             g = results[rid]
             j0, first = joined.pop(rid)
-            times = [first] + step_end[j0 + 1: j0 + len(tokens)]
+            times = [first] + [step_end[k] for k in range(j0 + 1, j0 + len(tokens))]
             g.tokens, g.done_s = tokens, times[-1]
             g.decode_s = [b - a for a, b in zip(times, times[1:])]
 
@@ -112,7 +112,7 @@ def serve(engine, timed: list[TimedRequest], *, stop_token: int | None = None, m
         if engine.running:
             tokens = engine.decode()
             now = clock() - t0
-            step_end.append(now)
+            step_end[engine.steps] = now
             done = [rid for rid in finish_at.pop(engine.steps, []) if rid in joined]  # not gone at a stop token
             if stop_token is not None:
                 hits = (tokens == stop_token).nonzero().flatten().tolist()  # host tensor: no device sync

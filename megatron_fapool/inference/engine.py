@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention.kernels.slots import DECODE_BACKENDS
 from ..models.rope import PositionalRotaryEmbedding
 from .generate import _gather_tp
 from .sampling import Sampling, next_tokens
@@ -46,7 +47,8 @@ class ServingEngine:
 
     ``max_new_tokens``: the most tokens any request may generate (the history's width).
     ``cuda_graphs``: capture the decode buckets (default: on CUDA). ``buckets``: batch sizes
-    to capture (the slot count is always one).
+    to capture (the slot count is always one). ``backend``: the config's attention backend, used
+    by the packed prefill; the decode kernel is ``auto`` unless it names a slot-decode backend.
     """
 
     def __init__(self, model, attention: SlotAttention, cache: SlotCache, *, device, sampling: Sampling,
@@ -67,7 +69,9 @@ class ServingEngine:
         self.device = torch.device(device)
         self.sampling = sampling
         self.tp_group = tp_group
-        self.backend = backend
+        self.backend = backend  # the prefill's kernel (the config's attention backend)
+        # the decode kernel reads the slot cache: the config's backend if it names one of them, else auto
+        decode_backend = backend if backend in DECODE_BACKENDS else "auto"
         self.max_new_tokens = max_new_tokens
         rows = cache.slots
         long = dict(dtype=torch.long, device=self.device)
@@ -86,7 +90,8 @@ class ServingEngine:
         self.buckets = sorted({b for b in buckets if b < rows} | {rows})
         self._bucket_of = [next(b for b in self.buckets if b >= n) for n in range(rows + 1)]
         self._decode_steps = {b: DecodeStep(self.slot[:b], self.pos[:b], torch.zeros(b, dtype=torch.int32,
-                                                                                    device=self.device), backend)
+                                                                                    device=self.device),
+                                          decode_backend)
                               for b in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs

@@ -141,6 +141,8 @@ def _body(rank, world):
         clock = SimClock()
         gens = serve(engine, timed, clock=clock, sleep=clock.sleep,
                      on_step=lambda kind, rows, waiting: steps.append((kind, rows, waiting)))
+        assert all(len(g.decode_s) == len(g.tokens) - 1 and all(t > 0 for t in g.decode_s)
+                   for g in gens if g.refused is None)  # the engine's step count carries over between serve calls
         out[mode] = {"alone": alone, "batched": {g.id: g.tokens for g in gens if g.refused is None},
                      "refused": {g.id: g.refused for g in gens if g.refused}, "steps": steps,
                      "ttft": {g.id: g.ttft_s for g in gens}, "busy_after": engine.cache.busy}
