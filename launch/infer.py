@@ -167,8 +167,9 @@ def _workloads(args, vocab_size: int):
             raise ConfigError("--trace", "replaces the prompts and arrivals: drop --prompt, --prompt-file,"
                               " --prompt-lengths, --sweep and --arrival-rate")
         try:
-            items = load_trace(args.trace, tokenize=tok.tokenize, vocab_size=min(vocab_size, tok.vocab_size - 1),
-                               default_new_tokens=args.max_new_tokens, seed=args.seed)
+            items = load_trace(args.trace, tokenize=tok.tokenize, vocab_size=vocab_size,
+                               default_new_tokens=args.max_new_tokens, seed=args.seed,
+                               random_below=min(vocab_size, tok.vocab_size - 1))
         except TraceError as e:
             raise ConfigError("--trace", str(e)) from None
         texts = [f"<trace request {i}, {len(p)} tokens>" for i, (_, p, _) in enumerate(items)]

@@ -29,8 +29,12 @@ class TraceError(ValueError):
     """A trace file that cannot be served (names the line and the key)."""
 
 
-def load_trace(path: str, *, tokenize, vocab_size: int, default_new_tokens: int, seed: int = 0):
-    """``[(arrival_s, prompt ids, max_new_tokens)]`` from a JSON Lines trace, in file order."""
+def load_trace(path: str, *, tokenize, vocab_size: int, default_new_tokens: int, seed: int = 0,
+               random_below: int | None = None):
+    """``[(arrival_s, prompt ids, max_new_tokens)]`` from a JSON Lines trace, in file order.
+
+    ``prompt_tokens`` must be ids below ``vocab_size``; ``prompt_len`` draws ids below ``random_below``
+    (default ``vocab_size``; e.g. a tokenizer smaller than the model's vocabulary)."""
     if not os.path.isfile(path):
         raise TraceError(f"trace {path}: no such file")
     g = torch.Generator().manual_seed(seed)
@@ -70,7 +74,7 @@ def load_trace(path: str, *, tokenize, vocab_size: int, default_new_tokens: int,
             else:
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise TraceError(f"{where}: prompt_len must be an integer >= 1, got {value!r}")
-                prompt = torch.randint(0, vocab_size, (value,), generator=g).tolist()
+                prompt = torch.randint(0, random_below or vocab_size, (value,), generator=g).tolist()
             new = item.get("max_new_tokens", default_new_tokens)
             if not isinstance(new, int) or isinstance(new, bool) or new < 1:
                 raise TraceError(f"{where}: max_new_tokens must be an integer >= 1, got {new!r}")
