@@ -74,7 +74,7 @@ from megatron_fapool.inference.generate import Request, RequestError, generate, 
 from megatron_fapool.inference.lockstep import Lockstep
 from megatron_fapool.inference.sampling import Sampling
 from megatron_fapool.inference.session import InferenceSession, KVCached
-from megatron_fapool.inference.slots import SlotAttention, SlotCache
+from megatron_fapool.inference.slots import SlotCache, slot_layer_spec
 from megatron_fapool.inference.trace import TraceError, load_trace, poisson_arrivals, summarize
 from megatron_fapool.models.gpt import build_gpt_model, check_runnable_here, expert_transformer_config, moe_layers
 from megatron_fapool.models.specs import layer_spec_for
@@ -546,8 +546,7 @@ def _slot_cache(args, cfg, model, requests, device) -> SlotCache:
 
 def _serve_slots(args, cfg, groups, device, batches, tok, resume):
     """Every workload through the slots engine: continuous batching from static K/V slots."""
-    strategies = []
-    spec = layer_spec_for(cfg, None, wrap=lambda attend: strategies.append(SlotAttention(attend)) or strategies[-1])
+    spec, attention = slot_layer_spec(cfg)
     model = _served_model(args, cfg, spec, device, resume)
     sampling = Sampling(greedy=not args.sampling, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                         limit=tok.vocab_size)
@@ -581,7 +580,7 @@ def _serve_slots(args, cfg, groups, device, batches, tok, resume):
         gens, wall = [], 0.0
         if mine:
             cache = _slot_cache(args, cfg, model, [t.request for t in mine], device)
-            engine = ServingEngine(model, strategies[0], cache, device=device, sampling=sampling,
+            engine = ServingEngine(model, attention, cache, device=device, sampling=sampling,
                                    max_new_tokens=max(t.request.max_new_tokens for t in mine), tp_group=tp_group,
                                    cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
                                    backend=cfg.fapool.attention_backend.backend)

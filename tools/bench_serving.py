@@ -37,9 +37,8 @@ import torch
 from megatron_fapool.config import ConfigError, load_run_config
 from megatron_fapool.inference.engine import ServingEngine
 from megatron_fapool.inference.sampling import Sampling
-from megatron_fapool.inference.slots import SlotAttention, SlotCache
+from megatron_fapool.inference.slots import SlotCache, slot_layer_spec
 from megatron_fapool.models.gpt import build_gpt_model
-from megatron_fapool.models.specs import layer_spec_for
 from megatron_fapool.runtime import exit_on_user_error
 
 from _common import copy_bandwidth, free_memory, megatron_world_of_one, sync
@@ -73,11 +72,10 @@ def _build(path, device):
     cfg = load_run_config(path)
     cfg = dataclasses.replace(cfg, tensor_model_parallel_size=1, fapool=cfg.fapool.model_copy(update={
         "attention_pool": cfg.fapool.attention_pool.model_copy(update={"enabled": False})}))
-    strategies = []
-    spec = layer_spec_for(cfg, None, wrap=lambda attend: strategies.append(SlotAttention(attend)) or strategies[0])
+    spec, attention = slot_layer_spec(cfg)
     torch.manual_seed(0)
     model = build_gpt_model(cfg, layer_spec=spec).to(device).eval()
-    return cfg, model, strategies[0]
+    return cfg, model, attention
 
 
 def weight_bytes_read(model) -> int:

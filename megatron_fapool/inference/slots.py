@@ -28,9 +28,10 @@ import torch
 
 from ..attention import Dense, Pooled
 from ..attention.kernels import packed_causal, slot_decode
+from ..models.specs import layer_spec_for
 from .rope_append import cos_sin, rotate, rotate_and_append
 
-__all__ = ["DecodeStep", "PrefillStep", "SlotAttention", "SlotCache", "SlotError"]
+__all__ = ["DecodeStep", "PrefillStep", "SlotAttention", "SlotCache", "SlotError", "slot_layer_spec"]
 
 
 class SlotError(ValueError):
@@ -183,3 +184,15 @@ class SlotAttention:
 
     def __repr__(self) -> str:
         return f"SlotAttention({self.inner!r})"
+
+
+def slot_layer_spec(run_config):
+    """The layer spec of a slot-served model of ``run_config`` (no pool) and the one :class:`SlotAttention`
+    every layer's core attention shares."""
+    made = []
+
+    def wrap(attend):
+        made.append(SlotAttention(attend))
+        return made[-1]
+    spec = layer_spec_for(run_config, None, wrap=wrap)
+    return spec, made[0]

@@ -40,9 +40,8 @@ class SimClock:
 def _build(slots, capacity, sampling):
     from megatron_fapool.config import load_run_config
     from megatron_fapool.inference.engine import ServingEngine
-    from megatron_fapool.inference.slots import SlotAttention, SlotCache
+    from megatron_fapool.inference.slots import SlotCache, slot_layer_spec
     from megatron_fapool.models.gpt import build_gpt_model
-    from megatron_fapool.models.specs import layer_spec_for
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
 
     cfg = load_run_config(CONFIG)
@@ -52,18 +51,14 @@ def _build(slots, capacity, sampling):
     from megatron.core import parallel_state
     if not parallel_state.model_parallel_is_initialized():
         initialize_parallel_groups(layout_from_config(cfg, 1))
-    holder = {}
-
-    def wrap(attend):
-        holder["attention"] = SlotAttention(attend)
-        return holder["attention"]
+    spec, attention = slot_layer_spec(cfg)
     torch.manual_seed(4)
-    model = build_gpt_model(cfg, layer_spec=layer_spec_for(cfg, None, wrap=wrap))
+    model = build_gpt_model(cfg, layer_spec=spec)
     c = model.config
     cache = SlotCache(layers=c.num_layers, slots=slots, capacity=capacity, kv_heads=c.num_query_groups,
                       head_dim=c.kv_channels, dtype=torch.float32, device="cpu")
     lm = cfg.model.language_model
-    return ServingEngine(model, holder["attention"], cache, device="cpu", sampling=sampling, max_new_tokens=16), lm
+    return ServingEngine(model, attention, cache, device="cpu", sampling=sampling, max_new_tokens=16), lm
 
 
 def _requests(vocab):
