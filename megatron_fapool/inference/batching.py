@@ -57,7 +57,7 @@ def serve(engine, timed: list[TimedRequest], *, stop_token: int | None = None, m
     for t in sorted(timed, key=lambda t: t.arrival_s):
         r = t.request
         try:
-            engine.cache.check_fits(r.id, len(r.prompt) + r.max_new_tokens)
+            engine.check_fits(r.id, len(r.prompt) + r.max_new_tokens)
             if r.max_new_tokens > engine.max_new_tokens:
                 raise SlotError(f"request {r.id}: max_new_tokens {r.max_new_tokens} exceeds the engine's"
                                 f" {engine.max_new_tokens}")
@@ -101,6 +101,7 @@ def serve(engine, timed: list[TimedRequest], *, stop_token: int | None = None, m
             for r, token in zip(batch, first):
                 g = results[r.id]
                 g.ttft_s = now - g.arrival_s
+                g.pooled = engine.members(r.id) > 1
                 joined[r.id] = (engine.steps, now)
                 if r.max_new_tokens == 1 or token == stop_token:
                     done.append(r.id)

@@ -28,47 +28,39 @@ import torch
 
 from ..attention import Dense, Pooled
 from ..attention.kernels import packed_causal, slot_decode
+from ..attention.pool import PooledAttention
+from ..attention.pool.slot_kv import PooledSlots, SlotKV, attend_rows
 from ..models.specs import layer_spec_for
 from .rope_append import cos_sin, rotate, rotate_and_append
 
-__all__ = ["DecodeStep", "PrefillStep", "SlotAttention", "SlotCache", "SlotError", "slot_layer_spec"]
+__all__ = ["DecodeStep", "PooledDecodeStep", "PooledPrefillStep", "PrefillStep", "SlotAttention", "SlotCache",
+           "SlotError", "slot_layer_spec"]
 
 
 class SlotError(ValueError):
-    """A request that can never fit a slot (prompt + new tokens above the slot capacity)."""
+    """A request that can never fit its slots (prompt + new tokens above what its members' slots hold)."""
 
 
-class SlotCache:
-    """K/V of every layer of this rank in ``slots`` fixed slots of ``capacity`` tokens (+ one scratch slot)."""
+class SlotCache(SlotKV):
+    """This rank's :class:`~megatron_fapool.attention.pool.slot_kv.SlotKV` and which request holds which slot."""
 
     def __init__(self, *, layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int, dtype, device):
-        if slots < 1 or capacity < 1 or layers < 1:
-            raise ValueError(f"a slot cache needs layers, slots and capacity >= 1, got {layers}, {slots}, {capacity}")
-        self.slots, self.capacity, self.layers = slots, capacity, layers
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-        shape = (slots + 1, capacity, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.scratch = slots  # the padding rows' slot
+        super().__init__(layers=layers, slots=slots, capacity=capacity, kv_heads=kv_heads, head_dim=head_dim,
+                         dtype=dtype, device=device)
         self.free_slots = list(range(slots - 1, -1, -1))  # pop() gives the lowest free slot
         self.slot_of: dict[int, int] = {}  # request -> slot
 
-    @staticmethod
-    def bytes_per_slot(*, layers: int, capacity: int, kv_heads: int, head_dim: int, dtype) -> int:
-        return 2 * layers * capacity * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def check_fits(self, request: int, tokens: int, members: int = 1) -> None:
+        """Raise :class:`SlotError` if ``tokens`` (prompt + new tokens) can never fit ``members`` ranks' slots
+        (a pooled request's tokens are spread evenly over its members)."""
+        if -(-tokens // members) > self.capacity:
+            where = f"{members} slots of the base and pool ranks" if members > 1 else "one slot"
+            raise SlotError(f"request {request}: prompt + new tokens = {tokens} exceeds {where} of"
+                            f" {self.capacity} tokens (serve with a larger --slot-capacity)")
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def check_fits(self, request: int, tokens: int) -> None:
-        """Raise :class:`SlotError` if ``tokens`` (prompt + new tokens) can never fit one slot."""
-        if tokens > self.capacity:
-            raise SlotError(f"request {request}: prompt + new tokens = {tokens} exceeds the slot capacity"
-                            f" {self.capacity} (serve with a larger --slot-capacity)")
-
-    def admit(self, request: int, tokens: int) -> int | None:
+    def admit(self, request: int, tokens: int, members: int = 1) -> int | None:
         """A slot for ``request`` (``None`` while every slot is taken: the request waits)."""
-        self.check_fits(request, tokens)
+        self.check_fits(request, tokens, members)
         if request in self.slot_of:
             raise ValueError(f"request {request} already holds slot {self.slot_of[request]}")
         if not self.free_slots:
@@ -79,8 +71,9 @@ class SlotCache:
 
     def release(self, request: int) -> None:
         """Free ``request``'s slot (its K/V is simply overwritten by the next holder)."""
-        self.free_slots.append(self.slot_of.pop(request))
-        self.free_slots.sort(reverse=True)
+        slot = self.slot_of.pop(request)
+        at = next((i for i, s in enumerate(self.free_slots) if s < slot), len(self.free_slots))
+        self.free_slots.insert(at, slot)  # kept in descending order
 
     @property
     def busy(self) -> int:
@@ -141,6 +134,50 @@ class PrefillStep:
         return out[None]
 
 
+@dataclass
+class PooledPrefillStep:
+    """One pooled prompt ``[1, n]``: attention through the pool, its K/V spread over ``members`` ranks' slot ``slot``."""
+
+    pool: PooledSlots
+    slot: int
+    members: int  # the base + members - 1 pool ranks
+    rope: tuple | None = None  # deferred RoPE: (cos, sin) [1, n, 1, d], and interleaved
+
+    def attend(self, cache: SlotCache, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        if q.shape[0] != 1:
+            raise ValueError(f"a pooled prefill runs one prompt per forward, got {q.shape[0]}")
+        if self.rope is not None:
+            (cos, sin), interleaved = self.rope
+            q, k = rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
+        out = PooledAttention.apply(q, k, v, self.pool.client, self.members - 1, True, scale)
+        self.pool.store(layer, self.slot, k[0], v[0], self.members)
+        return out
+
+
+@dataclass
+class PooledDecodeStep:
+    """A decode step of a bucket in which some rows are pooled: row ``i`` is described by the row table
+    (position, prompt length, members, slot: :mod:`~megatron_fapool.attention.pool.slot_kv`); this rank is
+    member 0, appends the new tokens it stores, attends its part of each row, and merges the pool's
+    partials layer by layer. Unpooled rows (members 1) come out as in :class:`DecodeStep`."""
+
+    table: torch.Tensor  # [B, 4] int64: the engine's persistent row table (a view of the bucket's rows)
+    pool: PooledSlots
+    backend: str = "auto"
+    rope: tuple | None = None
+    rows: tuple | None = None  # decode_rows(0, table): computed once per forward (set by the engine)
+
+    def attend(self, cache: SlotCache, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        if q.shape[1] != 1:
+            raise ValueError(f"a decode step takes one token per row, got {q.shape[1]}")
+        if self.rope is not None:
+            (cos, sin), interleaved = self.rope
+            q, k = rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        out, lse = attend_rows(cache, layer, self.rows, q, k, v, scale, self.backend)
+        return self.pool.merge(q, k, v, out, lse)[:, None]
+
+
 class SlotAttention:
     """Attend strategy of a model served from a :class:`SlotCache`: inside a step the step attends;
     outside one, ``inner`` does (a plain forward over the given tokens).
@@ -156,7 +193,7 @@ class SlotAttention:
             raise ValueError(f"slot serving runs dense attention on this rank only, got {inner!r}")
         self.inner = inner
         self.cache: SlotCache | None = None
-        self.step: DecodeStep | PrefillStep | None = None  # what the forward in progress does with the cache
+        self.step = None  # DecodeStep, PrefillStep or their pooled kinds  # what the forward in progress does with the cache
         self.rope = None  # the model's deferred RoPE module (take_rope), applied here
 
     def take_rope(self, rope) -> None:

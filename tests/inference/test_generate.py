@@ -1,11 +1,11 @@
-"""Issue 5 (CPU part): greedy generation with the pool-resident KV cache equals the static path
-and a single-process Megatron model with the same weights, token for token; so does the
-slot engine (issue 15) at TP 2.
+"""Greedy generation equals a single-process Megatron model with the same weights, token for token:
+the static session path (TP 2, one request per decode forward), PP 2, and the slot engine (issue 15)
+at TP 2 without and with the pool.
 
-Prompts below (60) and above (749, 300) the pool threshold (128) in one batch, decoded
-together in one forward per step (pooled and local rows side by side). The
-pooled requests' K/V is sharded: each base rank keeps about 1/(p+1) of it, its pool
-rank the rest, nothing twice.
+Prompts below (60) and above (749, 300) the pool threshold (128). With the pool, the long ones are
+prefilled through it and their K/V is spread over the slots of the base rank and its pool rank (half
+each, nothing twice; request 1 is longer than one slot); all rows decode in one forward per step,
+pooled and local side by side, the third request joining the running batch late.
 """
 
 import dataclasses
@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG = os.path.join(ROOT, "configs", "tiny_dense_rope_pool.json")
 PROMPTS = {1: 749, 2: 60, 3: 300}
 NEW = 6
+SLOT_CAPACITY = 400  # request 1 fits only spread over a base and a pool rank
 
 
 def _load(untie: bool = False):
@@ -176,6 +177,47 @@ def _slots_body(reference):
     return {"tokens": {g.id: g.tokens for g in gens}, "prefills": prefills, "decode_steps": engine.steps}
 
 
+def _pooled_slots_body(rank, world, reference):
+    """The slot engine at TP 2 with the pool (one pool rank per base rank), continuous batching: requests 1
+    and 2 at once, 3 later (it joins the running batch); 1 and 3 are pooled (1 is longer than a slot), 2 not."""
+    from megatron.core import parallel_state
+
+    from megatron_fapool.attention.pool import AttentionPool, PoolServer
+    from megatron_fapool.inference.batching import TimedRequest, serve
+    from megatron_fapool.inference.engine import ServingEngine
+    from megatron_fapool.inference.generate import Request
+    from megatron_fapool.inference.sampling import Sampling
+    from megatron_fapool.inference.slots import SlotCache, slot_layer_spec
+    from megatron_fapool.models.gpt import build_gpt_model
+    from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
+    from megatron_fapool.testing.megatron_reference import load_sharded
+
+    def held(kv):  # K/V rows written in each slot of the first layer (the caches start zeroed)
+        return [int((kv.k[0][s].abs().sum((-1, -2)) > 0).sum()) for s in range(kv.slots)]
+
+    cfg = _load(untie=True)
+    groups = initialize_parallel_groups(layout_from_config(cfg, world))
+    if groups.is_pool:
+        server = PoolServer(groups, device=torch.device("cpu"))
+        stats = server.serve()
+        return {"role": "pool", "held": held(server.slot_kv), "stats": stats.as_dict()}
+    pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool)
+    spec, attention = slot_layer_spec(cfg)
+    model = build_gpt_model(cfg, layer_spec=spec)
+    load_sharded(model, reference["state"], parallel_state.get_tensor_model_parallel_rank(), 2)
+    c, lm = model.config, cfg.model.language_model
+    cache = SlotCache(layers=c.num_layers, slots=3, capacity=SLOT_CAPACITY, kv_heads=c.num_query_groups // 2,
+                      head_dim=c.kv_channels, dtype=torch.float32, device="cpu")
+    engine = ServingEngine(model, attention, cache, device="cpu", sampling=Sampling(), max_new_tokens=NEW,
+                           tp_group=parallel_state.get_tensor_model_parallel_group(), pool=pool)
+    arrival = {1: 0.0, 2: 0.0, 3: 2.0}  # in decode steps: 3 joins after the second
+    gens = serve(engine, [TimedRequest(Request(rid, p, NEW), arrival[rid]) for rid, p in _prompts(lm.vocab_size).items()],
+                 clock=lambda: float(engine.steps))
+    pool.shutdown(torch.device("cpu"))
+    return {"role": "base", "tokens": {g.id: g.tokens for g in gens}, "pooled": [g.id for g in gens if g.pooled],
+            "held": held(cache), "decode_steps": engine.steps}
+
+
 def _static_then_pipeline_body(rank, world, reference):
     """Static TP 2 (one request per decode forward), the slot engine at TP 2, then PP 2, in one launch of two ranks."""
     from megatron.core import parallel_state
@@ -188,9 +230,9 @@ def _static_then_pipeline_body(rank, world, reference):
 
 def test_greedy_generation_pool_equals_static_equals_megatron():
     reference = run_distributed(_reference_body, 1, True, timeout=240)[0]  # untied: the CPU pipeline needs it
-    # pooled: all three requests (two pooled, one local) in each decode forward;
-    # static: one request per decode forward
-    pooled = run_distributed(_served_body, 4, reference, True, 0, timeout=300)
+    # the slot engine with the pool, TP 2: two pooled requests and a local one, the third joining late
+    pooled = run_distributed(_pooled_slots_body, 4, reference, timeout=300)
+    # static: one request per decode forward; the slot engine without the pool; PP 2
     both = run_distributed(_static_then_pipeline_body, 2, reference, timeout=300)
     static, pipeline = [r["static"] for r in both], [r["pipeline"] for r in both]
     for r in both:  # the slot engine: the same tokens, one packed prefill and NEW - 1 decode forwards
@@ -198,26 +240,19 @@ def test_greedy_generation_pool_equals_static_equals_megatron():
     for stage in pipeline:  # both stages end with the same tokens; each holds its own layer's K/V
         assert stage["tokens"] == reference["tokens"]
         assert stage["kv"][1] == PROMPTS[1] + NEW - 1
-    for res in (pooled, static):
-        for r in (x for x in res if x["role"] == "base"):
-            got = {g["id"]: g["tokens"] for g in r["gens"]}
-            assert got == reference["tokens"]
-    steps = NEW - 1  # decode steps per request
-    for r in (x for x in pooled if x["role"] == "base"):  # one forward per step for the whole batch
-        assert r["forwards"] == {"prefill": 3, "decode": steps} and r["decode_rows"] == 3 * steps
     for r in static:
-        assert r["forwards"] == {"prefill": 3, "decode": 3 * steps} and r["decode_rows"] == 3 * steps
-    # the pooled path really ran, and the K/V of pooled requests was sharded
+        assert {g["id"]: g["tokens"] for g in r["gens"]} == reference["tokens"]
+        assert r["forwards"] == {"prefill": 3, "decode": 3 * (NEW - 1)} and r["decode_rows"] == 3 * (NEW - 1)
+    # pooled slots: the same tokens; 3 decoded from step 2 on beside the others (2 + NEW - 1 steps in all)
     bases = [r for r in pooled if r["role"] == "base"]
     pools = [r for r in pooled if r["role"] == "pool"]
-    layers = 2
     for b, p in zip(bases, pools):  # base rank i owns pool rank 2 + i
-        gens = {g["id"]: g for g in b["gens"]}
-        assert [rid for rid, g in gens.items() if g["pooled"]] == [1, 3]
-        for rid in (1, 3):
-            total = layers * (PROMPTS[rid] + NEW - 1)  # the last token is never fed back
-            on_base, on_pool = gens[rid]["kv_tokens_on_base"], p["held"][rid]
-            assert on_base + on_pool == total  # nothing replicated
-            assert abs(on_base - total / 2) <= layers  # about 1/(p+1) each
-        assert gens[2]["kv_tokens_on_base"] == layers * (PROMPTS[2] + NEW - 1) and 2 not in p["held"]
-        assert p["left"] == 0 and p["stats"]["served_forward"] > 0
+        assert b["tokens"] == reference["tokens"] and b["pooled"] == [1, 3]
+        assert b["decode_steps"] == 2 + NEW - 1
+        # K/V rows in slots 0, 1, 2 (requests 1, 2, 3): a pooled request's halves on the base and its pool
+        # rank, nothing twice; the local one on the base only (the last token is never fed back)
+        total = {rid: n + NEW - 1 for rid, n in PROMPTS.items()}
+        assert b["held"] == [-(-total[1] // 2), total[2], -(-total[3] // 2)]
+        assert p["held"] == [total[1] // 2, 0, total[3] // 2]
+        layers = 2  # the pool served each layer of the two pooled prefills and of every decode step
+        assert p["stats"]["served_forward"] == layers * (2 + (2 + NEW - 1))

@@ -2,7 +2,7 @@
 
 * :class:`PoolClient`: a base rank's end (one per base rank, shared by its layers).
 * :class:`PoolServer`: a pool rank's serving loop, with the handlers of every pooled
-  algorithm (:mod:`.zigzag`, :mod:`.heads`, :mod:`.decode`) and the K/V shards it keeps
+  algorithm (:mod:`.zigzag`, :mod:`.heads`, :mod:`.decode`, :mod:`.slot_kv`) and the K/V shards it keeps
   for inference.
 * :class:`AttentionPool`: a base rank's client, resource manager and counters, built once
   at start-up.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ...parallel.service import ServiceClient, ServiceMember, merge_handlers
 from ..kernels import BackendSelector
-from . import decode, heads, zigzag
+from . import decode, heads, slot_kv, zigzag
 from .manager import PoolResourceManager
 from .stats import PoolStats
 
@@ -45,7 +45,7 @@ class PoolClient(ServiceClient):
 class PoolServer(ServiceMember):
     """A pool rank: serves its base rank's pooled calls until SHUTDOWN (holds no weights)."""
 
-    HANDLERS = merge_handlers(zigzag.HANDLERS, heads.HANDLERS, decode.HANDLERS)
+    HANDLERS = merge_handlers(zigzag.HANDLERS, heads.HANDLERS, decode.HANDLERS, slot_kv.HANDLERS)
 
     def __init__(self, groups, *, device, stats: PoolStats | None = None):
         if not groups.is_pool:
@@ -58,7 +58,8 @@ class PoolServer(ServiceMember):
             group_of=lambda members: groups.attention_group(base, members - 1),
             device=device, stats=stats or PoolStats(), handlers=self.HANDLERS,
         )
-        self.kv = decode.KVShardStore()  # inference: K/V shards of pooled requests
+        self.kv = decode.KVShardStore()  # inference: K/V shards of pooled requests (session path)
+        self.slot_kv: slot_kv.SlotKV | None = None  # inference: pooled K/V in slots (slots engine)
         self.selector = BackendSelector()  # "auto" and its run-time fallbacks, for this rank's calls
 
 
