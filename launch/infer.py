@@ -15,16 +15,20 @@ sampled. Printed per request and per length bucket (512-2K, 2K-8K, 8K-32K, 32K+)
 TTFT, TPOT and TPS (input + output tokens per second). ``--sweep 8192x1 8192x4 ...``
 serves one batch per item (random prompts) with the same model, for benchmarks.
 
-Serving engine (``--engine``). Without the pool, MA separation or pipeline stages (dense
-models), requests are served from static K/V slots (``megatron_fapool.inference.engine``):
+Serving engine (``--engine``). Without MA separation or pipeline stages (dense models, with
+or without the pool), requests are served from static K/V slots (``megatron_fapool.inference.engine``):
 prompts prefilled together in one packed forward, one decode forward per step over all
 running requests with no per-request host work, replayed from CUDA graphs on a GPU, and
 continuous batching: with arrival times (``--trace FILE`` of JSON lines, or
 ``--arrival-rate R`` requests per second over the given prompts) requests join the running
 batch at the next step and leave when done; ``--slots`` bounds how many run at once
 (others wait). Reported: TTFT / TPOT / TPS with p50 and p99, and goodput under
-``--slo-ttft-ms`` / ``--slo-tpot-ms``. The pool, MA separation and PP run the session
-path (``--engine session``: every prompt prefilled, then decoded in batches).
+``--slo-ttft-ms`` / ``--slo-tpot-ms``. With the pool, a prompt over its threshold is
+prefilled through it, one per forward, and its K/V is spread over the slot of the base and
+its pool ranks (so a request may be up to pool ranks + 1 times a slot long); decode steps
+with such rows exchange with the pool in every layer (eager unless ``--pool-cuda-graphs``).
+MA separation and PP run the session path (``--engine session``: every prompt prefilled,
+then decoded in batches; it also serves the pool, with K/V shards that grow per token).
 
     python launch/infer.py --deepspeed_config configs/tiny_dense.json --random-weights \
         --trace configs/traces/mixed_small.jsonl --slots 4 --slo-ttft-ms 2000 --slo-tpot-ms 200
@@ -126,6 +130,9 @@ def parse_args(argv=None):
     p.add_argument("--max-prefill-tokens", type=int, default=32768,
                    help="slots engine: prompt tokens prefilled together in one forward (a longer prompt runs alone)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="slots engine: decode eagerly on a GPU too")
+    p.add_argument("--pool-cuda-graphs", action="store_true",
+                   help="slots engine with the pool: capture the decode steps with pooled rows too (the exchange with"
+                        " the pool inside the graph; NCCL; not measured yet), else they run eagerly")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: a request meets the SLO within this TTFT")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: ... and within this mean TPOT")
     p.add_argument("--metrics-json", default=None, help="write per-request metrics here (rank 0)")
@@ -271,9 +278,7 @@ def _preflight(args):
 def _engine_for(args, cfg, layout) -> str:
     """The engine this run serves with (``--engine``), or a ConfigError when the choice cannot serve it."""
     why = None
-    if cfg.fapool.attention_pool.enabled:
-        why = "the attention pool (fapool.attention_pool.enabled)"
-    elif layout.num_expert:
+    if layout.num_expert:
         why = "MA separation (fapool.ma_separation.enabled)"
     elif layout.pp > 1:
         why = f"pipeline stages (pipeline_model_parallel_size {layout.pp})"
@@ -548,6 +553,10 @@ def _serve_slots(args, cfg, groups, device, batches, tok, resume):
     """Every workload through the slots engine: continuous batching from static K/V slots."""
     spec, attention = slot_layer_spec(cfg)
     model = _served_model(args, cfg, spec, device, resume)
+    pool = None
+    if groups.layout.pool_per_base:
+        pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool,
+                                           backend=cfg.fapool.attention_backend.backend)
     sampling = Sampling(greedy=not args.sampling, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                         limit=tok.vocab_size)
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -583,7 +592,8 @@ def _serve_slots(args, cfg, groups, device, batches, tok, resume):
             engine = ServingEngine(model, attention, cache, device=device, sampling=sampling,
                                    max_new_tokens=max(t.request.max_new_tokens for t in mine), tp_group=tp_group,
                                    cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
-                                   backend=cfg.fapool.attention_backend.backend)
+                                   backend=cfg.fapool.attention_backend.backend, pool=pool,
+                                   pool_graphs=args.pool_cuda_graphs)
             kw = dict(stop_token=tok.eod if args.stop_at_eod else None, max_prefill_tokens=args.max_prefill_tokens,
                       agree=agree)
             if args.warmup:
@@ -595,6 +605,8 @@ def _serve_slots(args, cfg, groups, device, batches, tok, resume):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results.append(_gather_report(groups, name, requests, texts, gens, wall, tok, summary))
+    if pool is not None:
+        pool.shutdown(device)
     _write_metrics(args, groups, results)
 
 

@@ -54,9 +54,9 @@ class SlotCache(SlotKV):
         """Raise :class:`SlotError` if ``tokens`` (prompt + new tokens) can never fit ``members`` ranks' slots
         (a pooled request's tokens are spread evenly over its members)."""
         if -(-tokens // members) > self.capacity:
-            where = f"{members} slots of the base and pool ranks" if members > 1 else "one slot"
-            raise SlotError(f"request {request}: prompt + new tokens = {tokens} exceeds {where} of"
-                            f" {self.capacity} tokens (serve with a larger --slot-capacity)")
+            where = f" x {members} ranks (the base and its pool ranks)" if members > 1 else ""
+            raise SlotError(f"request {request}: prompt + new tokens = {tokens} exceeds the slot capacity"
+                            f" {self.capacity}{where} (serve with a larger --slot-capacity)")
 
     def admit(self, request: int, tokens: int, members: int = 1) -> int | None:
         """A slot for ``request`` (``None`` while every slot is taken: the request waits)."""

@@ -87,8 +87,9 @@ def test_serves_a_mixed_batch_with_the_pool(tmp_path):
            "--sampling", "--top-k", "20", "--metrics-json", str(metrics)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(metrics.read_text())["workloads"][0]["requests"]
-    assert [r["pooled"] for r in rows] == [False, True, True]  # threshold 128
+    m = json.loads(metrics.read_text())
+    rows = m["workloads"][0]["requests"]
+    assert m["engine"] == "slots" and [r["pooled"] for r in rows] == [False, True, True]  # threshold 128
     assert all(r["new_tokens"] == 5 and r["ttft_s"] > 0 and r["tpot_s"] > 0 for r in rows)
     assert "per length bucket" in proc.stdout and "512-2K: 1 requests" in proc.stdout
     assert "pool rank for base rank 0:" in proc.stdout
@@ -112,10 +113,11 @@ def test_bad_serving_flags(rank0, tmp_path):
     line = _error_line(rank0("infer", ["--deepspeed_config", ROPE, "--random-weights", "--trace", TRACE,
                                        "--prompt", "x"], world=1))
     assert "--trace: replaces the prompts and arrivals" in line
-    line = _error_line(_infer(rank0, ["--random-weights", "--prompt", "x", "--arrival-rate", "5"]))
-    assert "--arrival-rate: continuous batching runs on the slots engine, which does not serve the attention pool" in line
-    line = _error_line(_infer(rank0, ["--random-weights", "--prompt", "x", "--engine", "slots"]))
-    assert "--engine: the slots engine does not serve the attention pool" in line
+    ma = ["--deepspeed_config", os.path.join(ROOT, "configs", "tiny_moe_ma.json"), "--random-weights", "--prompt", "x"]
+    line = _error_line(rank0("infer", ma + ["--arrival-rate", "5"]))
+    assert "--arrival-rate: continuous batching runs on the slots engine, which does not serve MA separation" in line
+    line = _error_line(rank0("infer", ma + ["--engine", "slots"]))
+    assert "--engine: the slots engine does not serve MA separation (fapool.ma_separation.enabled) yet" in line
     line = _error_line(rank0("infer", ["--deepspeed_config", ROPE, "--random-weights", "--prompt", "x",
                                        "--arrival-rate", "0"], world=1))
     assert "--arrival-rate: must be > 0" in line
