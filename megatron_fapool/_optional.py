@@ -11,6 +11,7 @@ Flags
 -----
 ``HAS_FLASH_ATTN``  the ``flash_attn`` package (Dao-AILab FlashAttention 2) imports.
 ``HAS_APEX``        NVIDIA ``apex`` imports.
+``HAS_TRITON``      OpenAI ``triton`` imports (``triton_language`` is ``triton.language``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ __all__ = [
     "flash_attn",
     "HAS_APEX",
     "apex",
+    "HAS_TRITON",
+    "triton",
+    "triton_language",
     "IMPORT_ERRORS",
     "summary",
 ]
@@ -55,11 +59,15 @@ FLASH_ATTN_VERSION: str | None = getattr(flash_attn, "__version__", None) if fla
 apex: ModuleType | None = _try_import("apex")
 HAS_APEX: bool = apex is not None
 
+triton: ModuleType | None = _try_import("triton")
+triton_language: ModuleType | None = _try_import("triton.language") if triton is not None else None
+HAS_TRITON: bool = triton is not None and triton_language is not None
+
 
 def summary() -> str:
     """One line saying which optional packages are usable (for logs and tools)."""
     parts = []
-    for name, mod in (("flash_attn", flash_attn), ("apex", apex)):
+    for name, mod in (("flash_attn", flash_attn), ("apex", apex), ("triton", triton)):
         if mod is not None:
             parts.append(f"{name}={getattr(mod, '__version__', 'yes')}")
         else:

@@ -33,7 +33,7 @@ import torch
 from ..attention.kernels.slots import DECODE_BACKENDS
 from ..attention.pool.slot_kv import MEMBERS, POSITION, PROMPT, SLOT, PooledSlots, decode_rows
 from ..models.rope import PositionalRotaryEmbedding
-from .generate import _gather_tp
+from .logits import gather_vocab
 from .sampling import Sampling, next_tokens
 from .slots import DecodeStep, PooledDecodeStep, PooledPrefillStep, PrefillStep, SlotAttention, SlotCache
 
@@ -142,7 +142,7 @@ class ServingEngine:
             logits = self.model(ids[:, None], pos[:, None], None)  # [b, 1, vocab / tp]
         finally:
             self.attention.step = None
-        last = _gather_tp(logits[:, -1].float().contiguous(), self.tp_group)
+        last = gather_vocab(logits[:, -1].float().contiguous(), self.tp_group)
         tokens = next_tokens(last, self.sampling, self.keys[:b], pos + 1)
         self.out[:b].copy_(tokens)
         ids.copy_(tokens)
@@ -266,7 +266,7 @@ class ServingEngine:
 
     def _first_tokens(self, logits, batch, lengths, members) -> list[int]:
         """The prompts' first tokens from their last rows' logits ``[n, vocab / tp]``; they join the batch."""
-        last = _gather_tp(logits.float().contiguous(), self.tp_group)
+        last = gather_vocab(logits.float().contiguous(), self.tp_group)
         dev = self.device
         keys = torch.tensor([r for r, _ in batch], dtype=torch.long, device=dev)
         tokens = next_tokens(last, self.sampling, keys, torch.tensor(lengths, dtype=torch.long, device=dev))

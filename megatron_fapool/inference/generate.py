@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ..models.rope import PositionalRotaryEmbedding
 from ..moe.pingpong import run_parts
 from ..parallel.service import PeerLost
+from .logits import gather_vocab
 
 __all__ = ["Generation", "Request", "RequestError", "generate", "validate_requests"]
 
@@ -83,15 +84,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _gather_tp(last: torch.Tensor, tp_group) -> torch.Tensor:
-    """``[b, vocab / tp]`` logits of this TP rank -> ``[b, vocab]`` on every TP rank."""
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        parts = [torch.empty_like(last) for _ in range(dist.get_world_size(tp_group))]
-        dist.all_gather(parts, last, group=tp_group)
-        last = torch.cat(parts, dim=-1)
-    return last
-
-
 def _next_tokens(model, ids, positions: list[int], device, tp_group, pp_group, pick) -> list[int]:
     """One forward of ``ids`` ``[b, s]`` (row ``i`` starting at ``positions[i]``); each row's next token.
 
@@ -106,7 +98,7 @@ def _next_tokens(model, ids, positions: list[int], device, tp_group, pp_group, p
     stages = dist.get_world_size(pp_group) if pp_group is not None else 1
     if stages == 1:
         logits = model(ids, pos, None)  # [b, s, vocab / tp]
-        return _pick_rows(_gather_tp(logits[:, -1].float().contiguous(), tp_group), pick)
+        return _pick_rows(gather_vocab(logits[:, -1].float().contiguous(), tp_group), pick)
     ranks = dist.get_process_group_ranks(pp_group)
     stage = ranks.index(dist.get_rank())
     if stage > 0:
@@ -118,7 +110,7 @@ def _next_tokens(model, ids, positions: list[int], device, tp_group, pp_group, p
     if stage < stages - 1:
         dist.send(out.contiguous(), dst=ranks[stage + 1])
     else:
-        tokens[:] = torch.tensor(_pick_rows(_gather_tp(out[:, -1].float().contiguous(), tp_group), pick))
+        tokens[:] = torch.tensor(_pick_rows(gather_vocab(out[:, -1].float().contiguous(), tp_group), pick))
     dist.broadcast(tokens, src=ranks[-1], group=pp_group)
     return tokens.tolist()
 
@@ -134,7 +126,7 @@ def _decode_in_parts(model, session, request_ids, ids, positions, n_parts: int, 
             return model(ids[lo:hi], pos[lo:hi], None)[:, -1].float()
 
     last = torch.cat(run_parts([lambda rows=rows: part(rows) for rows in cuts], device=device), dim=0)
-    return _pick_rows(_gather_tp(last.contiguous(), tp_group), pick)
+    return _pick_rows(gather_vocab(last.contiguous(), tp_group), pick)
 
 
 def _pick_rows(logits, pick) -> list[int]:

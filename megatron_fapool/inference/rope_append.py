@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - missing or broken: the torch ops run instead
-    triton = tl = None
+from .. import _optional
+
+triton, tl = (_optional.triton, _optional.triton_language) if _optional.HAS_TRITON else (None, None)
 
 __all__ = ["cos_sin", "rotate", "rotate_and_append"]
 

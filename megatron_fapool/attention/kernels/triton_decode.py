@@ -38,15 +38,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except Exception as exc:  # noqa: BLE001 - missing or broken: the backend reports itself unavailable
-    triton = tl = None
-    #: Why Triton is unusable here (``None`` when it imported).
-    TRITON_IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-else:
-    TRITON_IMPORT_ERROR = None
+from ... import _optional
+
+triton, tl = (_optional.triton, _optional.triton_language) if _optional.HAS_TRITON else (None, None)
+#: Why Triton is unusable here (``None`` when it imported).
+TRITON_IMPORT_ERROR: str | None = None if _optional.HAS_TRITON else (
+    _optional.IMPORT_ERRORS.get("triton.language") or _optional.IMPORT_ERRORS.get("triton", "not importable"))[:300]
 
 __all__ = [
     "COMBINE_BLOCK_SPLITS",
