@@ -80,6 +80,14 @@ class SlotCache(SlotKV):
         return len(self.slot_of)
 
 
+def _rotated(rope, q, k):
+    """q, k ``[b, s, h, d]`` with a step's deferred RoPE (``((cos, sin), interleaved)``) applied; as is without."""
+    if rope is None:
+        return q, k
+    (cos, sin), interleaved = rope
+    return rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
+
+
 @dataclass
 class DecodeStep:
     """One token per row: row ``i`` appends at ``(slots[i], positions[i])`` and attends keys ``0..positions[i]``.
@@ -123,9 +131,7 @@ class PrefillStep:
     def attend(self, cache: SlotCache, layer: int, q, k, v, scale: float) -> torch.Tensor:
         if q.shape[0] != 1 or q.shape[1] != sum(self.lengths):
             raise ValueError(f"a packed prefill takes [1, {sum(self.lengths)}] tokens, got {tuple(q.shape[:2])}")
-        if self.rope is not None:
-            (cos, sin), interleaved = self.rope
-            q, k = rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
+        q, k = _rotated(self.rope, q, k)
         flat = (-1, cache.kv_heads, cache.head_dim)
         cache.k[layer].view(flat).index_copy_(0, self.destinations, k[0])
         cache.v[layer].view(flat).index_copy_(0, self.destinations, v[0])
@@ -146,9 +152,7 @@ class PooledPrefillStep:
     def attend(self, cache: SlotCache, layer: int, q, k, v, scale: float) -> torch.Tensor:
         if q.shape[0] != 1:
             raise ValueError(f"a pooled prefill runs one prompt per forward, got {q.shape[0]}")
-        if self.rope is not None:
-            (cos, sin), interleaved = self.rope
-            q, k = rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
+        q, k = _rotated(self.rope, q, k)
         out = PooledAttention.apply(q, k, v, self.pool.client, self.members - 1, True, scale)
         self.pool.store(layer, self.slot, k[0], v[0], self.members)
         return out
@@ -170,9 +174,7 @@ class PooledDecodeStep:
     def attend(self, cache: SlotCache, layer: int, q, k, v, scale: float) -> torch.Tensor:
         if q.shape[1] != 1:
             raise ValueError(f"a decode step takes one token per row, got {q.shape[1]}")
-        if self.rope is not None:
-            (cos, sin), interleaved = self.rope
-            q, k = rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
+        q, k = _rotated(self.rope, q, k)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         out, lse = attend_rows(cache, layer, self.rows, q, k, v, scale, self.backend)
         return self.pool.merge(q, k, v, out, lse)[:, None]
@@ -214,8 +216,7 @@ class SlotAttention:
                 positions = self.rope.positions
                 if positions is None:
                     positions = torch.arange(q.shape[1], device=q.device)[None]
-                (cos, sin), interleaved = self.rope_for(positions, q.dtype)
-                q, k = rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
+                q, k = _rotated(self.rope_for(positions, q.dtype), q, k)
             return self.inner(layer, q, k, v, causal=causal)
         return self.step.attend(self.cache, layer.layer_number - 1, q, k, v, layer.softmax_scale)
 

@@ -43,6 +43,8 @@ __all__ = [
     "decode_splits",
     "next_owner",
     "prefill_shards",
+    "receive_prefill",
+    "scatter_prefill",
 ]
 
 
@@ -249,27 +251,13 @@ class PoolKVCache:
         if req is not None and layer in req.sizes:
             raise ValueError(f"request {request} layer {layer} is already stored")
         req = self.requests.setdefault(request, _Request(members=members))
-        n, hk, d = k.shape
-        bounds = prefill_shards(n, members)
         self._device = k.device
         named_failure(f"KV store of base rank {self.client.rank}", self.client.pool_ranks[: members - 1],
-                       self._store, request, layer, k, v, members, bounds)
-        req.sizes[layer] = [hi - lo for lo, hi in bounds]
+                       self._store, request, layer, k, v, members)
+        req.sizes[layer] = [hi - lo for lo, hi in prefill_shards(k.shape[0], members)]
 
-    def _store(self, request, layer, k, v, members, bounds):
-        n, hk, d = k.shape
-        pad = max(hi - lo for lo, hi in bounds)
-        self.client.send_header(
-            k.device, op=KV_STORE, call_id=request, n=n, layer=layer, kv_heads=hk, head_dim=d,
-            dtype=DTYPES.index(k.dtype), members=members,
-        )
-        buf = k.new_zeros((members, pad, 2, hk, d))
-        for j, (lo, hi) in enumerate(bounds):
-            buf[j, : hi - lo, 0], buf[j, : hi - lo, 1] = k[lo:hi], v[lo:hi]
-        mine = torch.empty_like(buf[0])
-        dist.scatter(mine, list(buf.unbind(0)), src=self.client.rank, group=self._group(members))
-        self.client.stats.bytes_sent += nbytes(buf) - nbytes(buf[0])
-        lo, hi = bounds[0]
+    def _store(self, request, layer, k, v, members):
+        lo, hi = scatter_prefill(self.client, KV_STORE, request, layer, k, v, members)
         self.own.put(request, layer, k[lo:hi], v[lo:hi])
 
     def decode(self, requests: list[int], layer: int, q, k_new, v_new, *, softmax_scale: float) -> torch.Tensor:
@@ -372,14 +360,36 @@ class PoolKVCache:
 
 # -- pool side ---------------------------------------------------------------------
 
-def serve_kv_store(server: ServiceMember, h: Header) -> None:
+def scatter_prefill(client, op: int, call_id: int, layer: int, k, v, members: int) -> tuple[int, int]:
+    """Send each of ``members - 1`` pool ranks its :func:`prefill_shards` range of one layer's prefill K/V
+    ``[n, hk, d]`` (a header ``op`` with ``call_id``, then one scatter); the base's own range ``(lo, hi)``."""
+    n, hk, d = k.shape
+    bounds = prefill_shards(n, members)
+    pad = max(hi - lo for lo, hi in bounds)
+    client.send_header(k.device, op=op, call_id=call_id, n=n, layer=layer, kv_heads=hk, head_dim=d,
+                       dtype=DTYPES.index(k.dtype), members=members)
+    buf = k.new_zeros((members, pad, 2, hk, d))
+    for j, (lo, hi) in enumerate(bounds):
+        buf[j, : hi - lo, 0], buf[j, : hi - lo, 1] = k[lo:hi], v[lo:hi]
+    mine = torch.empty_like(buf[0])
+    dist.scatter(mine, list(buf.unbind(0)), src=client.rank, group=client.group(members - 1))
+    client.stats.bytes_sent += nbytes(buf) - nbytes(buf[0])
+    return bounds[0]
+
+
+def receive_prefill(server: ServiceMember, h: Header) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pool rank's side of :func:`scatter_prefill`: its range's k, v ``[len, hk, d]``."""
     bounds = prefill_shards(h.n, h.members)
     lo, hi = bounds[server.member]
     pad = max(b - a for a, b in bounds)
     buf = torch.empty((pad, 2, h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
     dist.scatter(buf, None, src=server.leader, group=server.group_of(h.members))
     server.stats.bytes_received += nbytes(buf)
-    server.kv.put(h.call_id, h.layer, buf[: hi - lo, 0], buf[: hi - lo, 1])
+    return buf[: hi - lo, 0], buf[: hi - lo, 1]
+
+
+def serve_kv_store(server: ServiceMember, h: Header) -> None:
+    server.kv.put(h.call_id, h.layer, *receive_prefill(server, h))
 
 
 def _partials(store: KVShardStore, requests, owners, member: int, layer: int, qkv, hq: int, hk: int, scale, backend):

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from ...parallel.service import DTYPES, Header, ServiceMember, named_failure, nbytes
 from ..kernels import merge_partials, slot_decode
 from ..kernels.slots import DECODE_BACKENDS
-from .decode import prefill_shards
+from .decode import receive_prefill, scatter_prefill
 
 __all__ = ["HANDLERS", "PooledSlots", "SlotKV", "decode_rows", "member_tokens"]
 
@@ -174,18 +174,7 @@ class PooledSlots:
         self._call(self._store, layer, slot, k, v, members)
 
     def _store(self, layer, slot, k, v, members):
-        n, hk, d = k.shape
-        bounds = prefill_shards(n, members)
-        pad = max(hi - lo for lo, hi in bounds)
-        self.client.send_header(self.device, op=KV_SLOT_STORE, call_id=slot, n=n, layer=layer, kv_heads=hk,
-                                head_dim=d, dtype=DTYPES.index(k.dtype), members=members)
-        buf = k.new_zeros((members, pad, 2, hk, d))
-        for j, (lo, hi) in enumerate(bounds):
-            buf[j, : hi - lo, 0], buf[j, : hi - lo, 1] = k[lo:hi], v[lo:hi]
-        mine = torch.empty_like(buf[0])
-        dist.scatter(mine, list(buf.unbind(0)), src=self.client.rank, group=self.client.group(members - 1))
-        self.client.stats.bytes_sent += nbytes(buf) - nbytes(buf[0])
-        lo, hi = bounds[0]
+        lo, hi = scatter_prefill(self.client, KV_SLOT_STORE, slot, layer, k, v, members)
         self.kv.write_prefix(layer, slot, k[lo:hi], v[lo:hi])
 
     def announce(self, table: torch.Tensor, *, heads: int, softmax_scale: float) -> None:
@@ -238,14 +227,7 @@ def _slot_kv(server: ServiceMember) -> SlotKV:
 
 
 def serve_slot_store(server: ServiceMember, h: Header) -> None:
-    kv = _slot_kv(server)
-    bounds = prefill_shards(h.n, h.members)
-    lo, hi = bounds[server.member]
-    pad = max(b - a for a, b in bounds)
-    buf = torch.empty((pad, 2, h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
-    dist.scatter(buf, None, src=server.leader, group=server.group_of(h.members))
-    server.stats.bytes_received += nbytes(buf)
-    kv.write_prefix(h.layer, h.call_id, buf[: hi - lo, 0], buf[: hi - lo, 1])
+    _slot_kv(server).write_prefix(h.layer, h.call_id, *receive_prefill(server, h))
 
 
 def serve_slot_decode(server: ServiceMember, h: Header) -> None:
