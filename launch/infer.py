@@ -225,6 +225,11 @@ def _preflight(args):
             "KV-cached inference serves dense attention only (the cache holds every key; dilated decode is not"
             " built): serve this model with dilated_attention.enabled false only if it was trained dense",
         )
+    if cfg.fapool.attention_pool.enabled and cfg.fapool.attention_pool.sharing == "shared":
+        raise ConfigError(
+            "fapool.attention_pool.sharing",
+            "serving from a shared pool is not built yet (training is): serve with sharing 'dedicated'",
+        )
     if cfg.pipeline_model_parallel_size != 1 and cfg.fapool.attention_pool.enabled:
         raise ConfigError(
             "pipeline_model_parallel_size",

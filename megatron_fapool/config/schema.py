@@ -51,7 +51,11 @@ class AttentionPoolConfig(_Section):
 
     enabled: bool = False
     pool_size: NonNegativeInt = Field(
-        0, description="total pool ranks in the world; split evenly over the base ranks"
+        0, description="total pool ranks in the world; split evenly over the base ranks (sharing 'dedicated')"
+    )
+    sharing: Literal["dedicated", "shared"] = Field(
+        "dedicated", description="'dedicated': each base rank owns pool_size / base ranks; 'shared': one pool that"
+        " every base rank (every replica) draws on, assigned per training step"
     )
     threshold: Union[NonNegativeInt, Literal["auto"]] = Field(
         4096, description="sequence length above which the pool joins; 'auto' reads the calibration file"

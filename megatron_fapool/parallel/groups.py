@@ -5,7 +5,9 @@
    ``initialize_model_parallel`` over the base ranks ``[0, num_base)`` only (the
    world also holds pool and expert ranks, which Megatron must not count as data
    parallel replicas): :func:`_initialize_megatron_over_base_ranks` says how and why.
-2. One attention group per base rank and candidate active pool size.
+2. One attention group per base rank and candidate active pool size (dedicated pool), or per
+   base rank and aligned block of the pool plus one coordination group of the base and pool
+   ranks (shared pool, :mod:`.roles`).
 3. MA separation: the expert group and the dispatch group of each pipeline stage, and a
    group of each expert rank alone (the expert-parallel / expert-TP group its Megatron
    expert MLPs are built with: it is in none of Megatron's groups).
@@ -41,6 +43,7 @@ class ParallelGroups:
     expert_self: dist.ProcessGroup | None = None  # an expert rank alone (Megatron's expert TP/EP/DP of its MLPs)
     # degraded inference (create_survivor_groups): lost expert rank -> this stage's dispatch group
     # without it, and -> the world without it
+    coordination: dist.ProcessGroup | None = None  # shared pool: the base and pool ranks (per-step assignment)
     liveness: object = None  # this process's LivenessMonitor (set by runtime.job.run), for degraded inference
     survivors: dict[int, dist.ProcessGroup] = field(default_factory=dict)
     survivor_world: dict[int, dist.ProcessGroup] = field(default_factory=dict)
@@ -62,7 +65,10 @@ class ParallelGroups:
         return self.role.role == EXPERT
 
     def attention_group(self, base_rank: int, active: int) -> dist.ProcessGroup:
-        members = self.layout.attention_group(base_rank, active)
+        return self.group_of_members((base_rank,) + self.layout.attention_group(base_rank, active)[1:])
+
+    def group_of_members(self, members: tuple[int, ...]) -> dist.ProcessGroup:
+        """The attention group of exactly ``members`` (a base rank first, then pool ranks)."""
         if members not in self.attention:
             raise KeyError(f"rank {self.rank} is not a member of attention group {list(members)}")
         return self.attention[members]
@@ -134,6 +140,10 @@ def initialize_parallel_groups(layout: Layout, *, timeout_s: float = 600.0) -> P
         pg = dist.new_group(list(members), timeout=timeout)
         if rank in members:
             groups.attention[members] = pg
+    if layout.pool_shared:
+        members = layout.coordination_group()
+        pg = dist.new_group(list(members), timeout=timeout) if len(members) < world else dist.group.WORLD
+        groups.coordination = pg if rank in members else None
     for stage in range(layout.pp if layout.num_expert else 0):
         expert = dist.new_group(list(layout.expert_group(stage)), timeout=timeout)
         dispatch = dist.new_group(list(layout.dispatch_group(stage)), timeout=timeout)

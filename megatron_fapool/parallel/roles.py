@@ -4,9 +4,16 @@
 
 * Base ranks are global ranks ``[0, num_base)`` and follow Megatron's default rank
   order ``tp-cp-ep-dp-pp``: ``rank = tp + TP * (dp + DP * pp)``.
-* Pool ranks follow, ``[num_base, num_base + pool_size)``; base rank ``b`` owns the
-  ``pool_per_base`` consecutive pool ranks starting at ``num_base + b * pool_per_base``.
-  An attention group with ``p`` active pool ranks is ``(b, first p of its pool)``.
+* Pool ranks follow, ``[num_base, num_base + pool_size)``. *Dedicated* pool (the default):
+  base rank ``b`` owns the ``pool_per_base`` consecutive pool ranks starting at
+  ``num_base + b * pool_per_base``; an attention group with ``p`` active pool ranks is
+  ``(b, first p of its pool)``. *Shared* pool (``pool_shared``): any base rank may use any
+  pool rank, step by step (:mod:`megatron_fapool.attention.pool.sharing`), in aligned
+  power-of-two *blocks* of the pool (:meth:`Layout.pool_blocks`: ``2^k`` ranks starting at a
+  multiple of ``2^k``); an attention group is ``(b,) + block``, so there are
+  ``num_base * (2 * pool_size - 1)`` of them at most (every block's first half is a block, so a
+  group with fewer active ranks is one of them too), and the base and pool ranks share one
+  coordination group for the per-step assignment.
 * Expert ranks come last (MA separation), split evenly over the pipeline stages.
 
 Nothing here needs ``torch.distributed``: the layout can be computed, printed and
@@ -51,6 +58,7 @@ class Layout:
     num_attention_heads: int
     num_query_groups: int
     num_experts: int = 0  # MA separation: experts per MoE layer, split over each stage's expert ranks
+    pool_shared: bool = False  # the pool serves every base rank (per step) instead of a fixed share each
 
     @property
     def num_base(self) -> int:
@@ -58,7 +66,12 @@ class Layout:
 
     @property
     def pool_per_base(self) -> int:
-        return self.pool_size // self.num_base
+        """Dedicated pool: the pool ranks each base rank owns (0 for a shared pool)."""
+        return 0 if self.pool_shared else self.pool_size // self.num_base
+
+    @property
+    def has_pool(self) -> bool:
+        return self.pool_size > 0
 
     @property
     def experts_per_stage(self) -> int:
@@ -89,6 +102,9 @@ class Layout:
             tp, dp, pp = self.base_coords(r)
             out.append(RankRole(r, BASE, tp, pp, dp))
         for i in range(self.pool_size):
+            if self.pool_shared:  # serves whichever base rank the step's assignment names
+                out.append(RankRole(self.num_base + i, POOL, 0, 0, 0, pool_index=i))
+                continue
             served = i // self.pool_per_base
             tp, dp, pp = self.base_coords(served)
             out.append(RankRole(self.num_base + i, POOL, tp, pp, dp, serves=served, pool_index=i % self.pool_per_base))
@@ -116,11 +132,28 @@ class Layout:
 
     def attention_groups(self) -> list[tuple[int, ...]]:
         """Every candidate attention group, in the (deterministic) order they are created."""
+        if self.pool_shared:
+            return [(b,) + block for b in range(self.num_base) for block in self.pool_blocks()]
         return [
             self.attention_group(b, p)
             for b in range(self.num_base)
             for p in range(1, self.pool_per_base + 1)
         ]
+
+    def pool_blocks(self) -> list[tuple[int, ...]]:
+        """Shared pool: the aligned power-of-two blocks of pool ranks (global ranks), largest first."""
+        if not self.pool_shared:
+            return []
+        out, size = [], 1 << (self.pool_size.bit_length() - 1)
+        while size:
+            out += [tuple(range(self.num_base + lo, self.num_base + lo + size))
+                    for lo in range(0, self.pool_size - size + 1, size)]
+            size //= 2
+        return out
+
+    def coordination_group(self) -> tuple[int, ...]:
+        """Shared pool: the base and pool ranks, which agree on each step's assignment together."""
+        return tuple(range(self.num_base + self.pool_size)) if self.pool_shared else ()
 
     def expert_group(self, pp: int) -> tuple[int, ...]:
         first = self.num_base + self.pool_size + pp * self.experts_per_stage
@@ -146,6 +179,8 @@ class Layout:
             if r.role == BASE:
                 extra = f"pool {list(self.pool_of(r.rank))}" if self.pool_per_base else ""
                 lines.append(f"  rank {r.rank:>3}  base    tp={r.tp} pp={r.pp} dp={r.dp}  {extra}".rstrip())
+            elif r.role == POOL and self.pool_shared:
+                lines.append(f"  rank {r.rank:>3}  pool    shared (pool index {r.pool_index})")
             elif r.role == POOL:
                 lines.append(
                     f"  rank {r.rank:>3}  pool    serves rank {r.serves} (tp={r.tp} pp={r.pp} dp={r.dp}) slot {r.pool_index}"
@@ -158,6 +193,11 @@ class Layout:
             lines.append(
                 f"attention groups: {len(self.attention_groups())} candidate groups"
                 f" (1..{self.pool_per_base} active pool ranks per base rank), created at start-up"
+            )
+        elif self.pool_shared:
+            lines.append(
+                f"shared pool: {len(self.pool_blocks())} aligned blocks, {len(self.attention_groups())} attention"
+                f" groups (each base rank x each block) and one coordination group, created at start-up"
             )
         if self.num_expert:
             lines.append(f"dispatch groups: {[list(g) for g in self.dispatch_groups()]}")
@@ -175,6 +215,7 @@ def compute_layout(
     num_query_groups: int | None = None,
     num_layers: int | None = None,
     num_experts: int | None = None,
+    pool_shared: bool = False,
 ) -> Layout:
     """The layout of ``world_size`` ranks, or :class:`LayoutError` saying how to fix it.
 
@@ -234,7 +275,12 @@ def compute_layout(
             f"{num_base} base ranks (world {world_size} - pool {pool_size} - expert {num_expert})"
             f" are not a multiple of TP*PP={tp * pp}: launch {tp * pp} x DP + {pool_size + num_expert} ranks"
         )
-    if pool_size % num_base:
+    if pool_shared and not pool_size:
+        raise LayoutError("a shared attention pool needs attention_pool.pool_size >= 1")
+    if pool_shared and (pp > 1 or attention_expert_ratio is not None):
+        raise LayoutError("a shared attention pool (attention_pool.sharing 'shared') is built for PP 1 without MA"
+                          " separation yet: use sharing 'dedicated', or PP 1 and ma_separation.enabled false")
+    if pool_size % num_base and not pool_shared:
         raise LayoutError(
             f"attention_pool.pool_size={pool_size} is not a multiple of the {num_base} base ranks"
             f" (each base rank gets an equal share): use pool_size in "
@@ -250,6 +296,7 @@ def compute_layout(
         num_attention_heads=num_attention_heads,
         num_query_groups=groups,
         num_experts=num_experts if num_expert and num_experts else 0,
+        pool_shared=pool_shared,
     )
 
 
@@ -268,6 +315,7 @@ def layout_from_config(run_config, world_size: int) -> Layout:
         num_query_groups=lm.query_groups,
         num_layers=lm.num_layers,
         num_experts=lm.num_moe_experts if ma.enabled else None,  # the loader resolved MA and YAML keys
+        pool_shared=pool.enabled and pool.sharing == "shared",
     )
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..attention.pool import PoolServer
+from ..attention.pool.sharing import agree_step, shared_manager
 from ..config import RunConfig
 from ..parallel import Layout, ParallelGroups, initialize_parallel_groups, layout_from_config
 from ..parallel.liveness import LivenessMonitor
@@ -45,11 +46,23 @@ def layout_of(cfg: RunConfig) -> Layout:
     return layout_from_config(cfg, world)
 
 
-def serve_pool(groups: ParallelGroups, device: torch.device) -> None:
-    """A pool rank's part of the job: serve its base rank until released, then print what it did."""
-    stats = PoolServer(groups, device=device).serve()
+def serve_pool(groups: ParallelGroups, device: torch.device, pool_cfg=None) -> None:
+    """A pool rank's part of the job: serve its base rank until released (dedicated pool), or the base rank
+    of each step's block until the job is done (shared pool), then print what it did."""
+    server = PoolServer(groups, device=device)
+    if groups.layout.pool_shared:
+        manager, steps, served = shared_manager(pool_cfg, groups.layout), 0, {}
+        while (agreed := agree_step(groups, manager, 0, device)) is not None:
+            steps, blocks = steps + 1, agreed[1]
+            for base, block in blocks.items():
+                if groups.rank in block:
+                    server.serve_for(base, block)
+                    served[base] = served.get(base, 0) + 1
+        stats, whom = server.stats, f"a shared pool ({steps} steps; steps per base rank served: {served})"
+    else:
+        stats, whom = server.serve(), f"base rank {groups.role.serves}"
     print(
-        f"[rank {dist.get_rank()}] pool rank for base rank {groups.role.serves}: served"
+        f"[rank {dist.get_rank()}] pool rank for {whom}: served"
         f" {stats.served_forward} forward / {stats.served_backward} backward calls,"
         f" {stats.query_rows} query rows, {stats.bytes_received / 1e6:.1f} MB in, {stats.bytes_sent / 1e6:.1f} MB out",
         flush=True,
@@ -106,7 +119,7 @@ def run(cfg: RunConfig, layout: Layout, base_work: BaseWork, *, expert_work: Bas
         if groups.is_base:
             base_work(groups, device)
         elif groups.is_pool:
-            serve_pool(groups, device)
+            serve_pool(groups, device, cfg.fapool.attention_pool)
         else:
             expert_work(groups, device)
     except PeerLost as e:

@@ -54,6 +54,8 @@ class IterationStats:
     max_len: int = 0
     load_balancing_loss: float | None = None  # MoE: the router's aux loss (not reduced by REDUCED_FIELDS)
     z_loss: float | None = None  # MoE with moe_z_loss_coeff: the router's z loss
+    pool_demands: dict | None = None  # shared pool: the step's {base rank: longest micro-batch} (every rank's)
+    pool_blocks: dict | None = None  # shared pool: the step's {base rank: pool ranks} (the same on every rank)
 
     @property
     def loss(self) -> float:
@@ -130,6 +132,8 @@ class IterationLog:
                 f" micro-batches pooled, {sum(s.activations for s in w):.0f} activations,"
                 f" {sum(s.releases for s in w):.0f} releases"
             )
+            if last.pool_blocks is not None:
+                parts.append(f"shared pool, last step: {_blocks_text(last.pool_blocks)}")
         parts.append(f"ETA {eta}")
         return " | ".join(parts)
 
@@ -157,3 +161,10 @@ class IterationLog:
             )
         lines.append("checkpoints     " + (", ".join(checkpoints) if checkpoints else "none saved"))
         return "\n".join(lines)
+
+
+def _blocks_text(blocks: dict) -> str:
+    """``{base rank: pool ranks}`` as ``base 0 <- pool [2, 3]; base 1 local``-style text."""
+    if not blocks:
+        return "no base rank pooled"
+    return "; ".join(f"base {b} <- pool {list(r)}" for b, r in sorted(blocks.items()))

@@ -28,6 +28,7 @@ run skips the broadcast, its weights come from the checkpoint.)
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -111,9 +112,10 @@ def _build_model(run_config, groups, args, device, *, send_experts: bool):
     (``client`` reaches them) and the expert ranks get the colocated model's experts (module doc)."""
     _seed(args, device)
     pool = None
-    if groups.layout.pool_per_base:
+    if groups.layout.has_pool:
         pool = AttentionPool.for_base_rank(
-            groups, run_config.fapool.attention_pool, backend=run_config.fapool.attention_backend.backend
+            groups, run_config.fapool.attention_pool, backend=run_config.fapool.attention_backend.backend,
+            device=device
         )
     if not groups.layout.num_expert:
         return build_gpt_model(run_config, pool=pool).to(device), pool, None
@@ -252,6 +254,8 @@ def train_base_rank(args, run_config, groups, device, *, resume: tuple[str, dict
         log(logger.summary(start_iteration=start, checkpoints=result.checkpoints))
         if timing is not None:
             log(timing.summary())
+        if pool is not None and pool.shared:  # every rank holds the same counters: the manager's
+            log(f"shared pool counters: {json.dumps(pool.manager.shared.counters(), sort_keys=True)}")
     if pool is not None:
         pool.shutdown(device)
     if client is not None:
@@ -297,8 +301,10 @@ def _train_step(engine, data, pool, client, run_config, device, iteration: int, 
     before = pool.stats.as_dict() if pool is not None else None
     lengths = []
     t0 = time.perf_counter()
-    for m in range(gas):
-        batch = data.batch((iteration - 1) * gas + m)
+    batches = [data.batch((iteration - 1) * gas + m) for m in range(gas)]
+    if pool is not None:  # a shared pool: every rank agrees on the step's blocks from its longest micro-batch
+        pool.begin_step(max(batch.tokens.shape[1] for batch in batches))
+    for m, batch in enumerate(batches):
         tokens = batch.tokens.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
         b, n = tokens.shape
@@ -322,6 +328,10 @@ def _train_step(engine, data, pool, client, run_config, device, iteration: int, 
         if pool is not None and pool.manager.current > 0:
             stats.pooled_micro_batches += 1
         lengths.append(n)
+    if pool is not None:
+        pool.end_step()
+        if pool.shared:
+            stats.pool_demands, stats.pool_blocks = pool.manager.demands, pool.manager.assignment
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.elapsed_s = time.perf_counter() - t0
