@@ -68,11 +68,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_fapool.attention.pool import AttentionPool
+from megatron_fapool.attention.pool import AttentionPool, PoolStats
+from megatron_fapool.attention.pool.mailbox import MailboxClient, MailboxServer
+from megatron_fapool.attention.pool.sharing import shared_manager
 from megatron_fapool.config import ConfigError, load_run_config
 from megatron_fapool.data import ByteTokenizer
 from megatron_fapool.inference import weights
-from megatron_fapool.inference.batching import TimedRequest, serve
+from megatron_fapool.inference.batching import TimedRequest, place_on_replicas, serve
 from megatron_fapool.inference.engine import ServingEngine
 from megatron_fapool.inference.generate import Request, RequestError, generate, validate_requests
 from megatron_fapool.inference.lockstep import Lockstep
@@ -130,6 +132,8 @@ def parse_args(argv=None):
     p.add_argument("--max-prefill-tokens", type=int, default=32768,
                    help="slots engine: prompt tokens prefilled together in one forward (a longer prompt runs alone)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="slots engine: decode eagerly on a GPU too")
+    p.add_argument("--pool-slots", type=int, default=0,
+                   help="shared pool: slots per pool rank for pooled requests of every replica (default: --slots)")
     p.add_argument("--pool-cuda-graphs", action="store_true",
                    help="slots engine with the pool: capture the decode steps with pooled rows too (the exchange with"
                         " the pool inside the graph; NCCL; not measured yet), else they run eagerly")
@@ -225,10 +229,12 @@ def _preflight(args):
             "KV-cached inference serves dense attention only (the cache holds every key; dilated decode is not"
             " built): serve this model with dilated_attention.enabled false only if it was trained dense",
         )
-    if cfg.fapool.attention_pool.enabled and cfg.fapool.attention_pool.sharing == "shared":
+    if cfg.fapool.attention_pool.enabled and cfg.fapool.attention_pool.sharing == "shared" \
+            and cfg.tensor_model_parallel_size != 1:
         raise ConfigError(
             "fapool.attention_pool.sharing",
-            "serving from a shared pool is not built yet (training is): serve with sharing 'dedicated'",
+            f"a shared pool serves TP 1 replicas only yet (got TP {cfg.tensor_model_parallel_size}): set"
+            " tensor_model_parallel_size 1, or sharing 'dedicated'",
         )
     if cfg.pipeline_model_parallel_size != 1 and cfg.fapool.attention_pool.enabled:
         raise ConfigError(
@@ -289,6 +295,9 @@ def _engine_for(args, cfg, layout) -> str:
         why = f"pipeline stages (pipeline_model_parallel_size {layout.pp})"
     elif cfg.model.language_model.num_moe_experts:
         why = "an MoE model (num_moe_experts)"
+    if layout.pool_shared and (why or args.engine == "session"):
+        raise ConfigError("fapool.attention_pool.sharing", "a shared pool is served by the slots engine only"
+                          f"{f', which does not serve {why} yet' if why else ': drop --engine session'}")
     if args.engine == "slots" and why:
         raise ConfigError("--engine", f"the slots engine does not serve {why} yet: use --engine session (or auto)")
     engine = "session" if why or args.engine == "session" else "slots"
@@ -558,10 +567,17 @@ def _serve_slots(args, cfg, groups, device, batches, tok, resume):
     """Every workload through the slots engine: continuous batching from static K/V slots."""
     spec, attention = slot_layer_spec(cfg)
     model = _served_model(args, cfg, spec, device, resume)
-    pool = None
+    pool, threshold = None, None
     if groups.layout.pool_per_base:
         pool = AttentionPool.for_base_rank(groups, cfg.fapool.attention_pool,
                                            backend=cfg.fapool.attention_backend.backend)
+    elif groups.layout.pool_shared:  # one pool for every replica: placements, prefills, decode layers per request
+        c = model.config
+        threshold = shared_manager(cfg.fapool.attention_pool, groups.layout).threshold
+        pool = MailboxClient(groups, device=device, stats=PoolStats(), threshold=threshold,
+                             kv_heads=c.num_query_groups, head_dim=c.kv_channels, dtype=c.params_dtype,
+                             max_active=cfg.fapool.attention_pool.max_active,
+                             backend=cfg.fapool.attention_backend.backend)
     sampling = Sampling(greedy=not args.sampling, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                         limit=tok.vocab_size)
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -590,7 +606,15 @@ def _serve_slots(args, cfg, groups, device, batches, tok, resume):
     for i, (name, requests, texts, arrivals) in enumerate(batches):
         if len(batches) > 1:
             log0(f"== workload {i + 1}/{len(batches)}: {name} ==")
-        mine = [TimedRequest(r, a) for r, a in zip(requests, arrivals) if r.id % dp == dp_rank]
+        if threshold is None:
+            replica = [r.id % dp for r in requests]
+        else:  # the front scheduler places requests by load, long ones spread (the same on every rank)
+            order = sorted(range(len(requests)), key=lambda i: (arrivals[i], i))
+            placed = place_on_replicas([requests[i] for i in order], replicas=dp, threshold=threshold)
+            replica = [0] * len(requests)
+            for i, rep in zip(order, placed):
+                replica[i] = rep
+        mine = [TimedRequest(r, a) for r, a, rep in zip(requests, arrivals, replica) if rep == dp_rank]
         gens, wall = [], 0.0
         if mine:
             cache = _slot_cache(args, cfg, model, [t.request for t in mine], device)
@@ -598,7 +622,7 @@ def _serve_slots(args, cfg, groups, device, batches, tok, resume):
                                    max_new_tokens=max(t.request.max_new_tokens for t in mine), tp_group=tp_group,
                                    cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
                                    backend=cfg.fapool.attention_backend.backend, pool=pool,
-                                   pool_graphs=args.pool_cuda_graphs)
+                                   pool_graphs=args.pool_cuda_graphs, pool_slots=args.pool_slots)
             kw = dict(stop_token=tok.eod if args.stop_at_eod else None, max_prefill_tokens=args.max_prefill_tokens,
                       agree=agree)
             if args.warmup:
@@ -639,12 +663,25 @@ def _serve_experts(args, cfg, groups, device, resume):
     ma.finish()
 
 
+def _serve_shared_pool(cfg, groups, device) -> None:
+    """A rank of a shared pool: every replica's pooled requests, until every base rank is done."""
+    server = MailboxServer(groups, device=device, stats=PoolStats(), pool_cfg=cfg.fapool.attention_pool)
+    s = server.serve()
+    print(f"[rank {groups.rank}] shared pool rank: served {s.served_forward} calls, {s.query_rows} query rows,"
+          f" {s.bytes_received / 1e6:.1f} MB in, {s.bytes_sent / 1e6:.1f} MB out", flush=True)
+    if server.manager is not None:
+        print(f"[rank {groups.rank}] shared pool counters: {json.dumps(server.manager.counters(), sort_keys=True)}",
+              flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, layout, batches, tok, resume = _preflight(args)
     base = _serve_slots if args.engine == "slots" else _serve_base
     return job.run(cfg, layout,
                    lambda groups, device: base(args, cfg, groups, device, batches, tok, resume),
+                   pool_work=(lambda groups, device: _serve_shared_pool(cfg, groups, device))
+                   if layout.pool_shared else None,
                    expert_work=lambda groups, device: _serve_experts(args, cfg, groups, device, resume),
                    timeout_s=60.0 * args.distributed_timeout_minutes, exit_on_peer_lost=True)
 

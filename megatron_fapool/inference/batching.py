@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from .generate import Generation, Request
 from .slots import SlotError
 
-__all__ = ["TimedRequest", "serve"]
+__all__ = ["TimedRequest", "place_on_replicas", "serve"]
 
 
 @dataclass
@@ -90,7 +90,7 @@ def serve(engine, timed: list[TimedRequest], *, stop_token: int | None = None, m
             r = waiting[0].request
             if batch and len(r.prompt) > budget:
                 break
-            if not engine.admit(r.id, len(r.prompt) + r.max_new_tokens):
+            if not engine.admit(r.id, len(r.prompt) + r.max_new_tokens, prompt_len=len(r.prompt)):
                 break  # no free slot: it waits, first in line
             batch.append(waiting.popleft().request)
             budget -= len(r.prompt)
@@ -124,3 +124,18 @@ def serve(engine, timed: list[TimedRequest], *, stop_token: int | None = None, m
         elif not batch and pending and not waiting:
             sleep(max(0.0, pending[0].arrival_s - (clock() - t0)))
     return [results[t.request.id] for t in timed]
+
+
+def place_on_replicas(requests, *, replicas: int, threshold: int) -> list[int]:
+    """The front scheduler: the replica that serves each request of ``requests`` (in the given order, which
+    should be arrival order), the same on every rank. Long requests (prompt over ``threshold``) go to the
+    replica with the fewest long ones so far, then the fewest tokens (prompt + new) placed; short ones to
+    the fewest tokens placed; ties to the lowest replica."""
+    tokens, longs, out = [0] * replicas, [0] * replicas, []
+    for r in requests:
+        long = len(r.prompt) > threshold
+        choice = min(range(replicas), key=lambda i: ((longs[i] if long else 0), tokens[i], i))
+        tokens[choice] += len(r.prompt) + r.max_new_tokens
+        longs[choice] += long
+        out.append(choice)
+    return out

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.kernels.slots import DECODE_BACKENDS
+from ..attention.pool.mailbox import MailboxClient
 from ..attention.pool.slot_kv import MEMBERS, POSITION, PROMPT, SLOT, PooledSlots, decode_rows
 from ..models.rope import PositionalRotaryEmbedding
 from .logits import gather_vocab
@@ -62,7 +63,7 @@ class ServingEngine:
 
     def __init__(self, model, attention: SlotAttention, cache: SlotCache, *, device, sampling: Sampling,
                  max_new_tokens: int, tp_group=None, cuda_graphs: bool | None = None, buckets=DEFAULT_BUCKETS,
-                 backend: str = "auto", pool=None, pool_graphs: bool = False):
+                 backend: str = "auto", pool=None, pool_graphs: bool = False, pool_slots: int = 0):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model = model.eval()
@@ -102,13 +103,21 @@ class ServingEngine:
                                                                                     device=self.device),
                                           decode_backend)
                               for b in self.buckets}
-        self.pool = pool if pool is not None and pool.client.pool_ranks else None
-        self.pooled = None  # the pool's end of the slot K/V (PooledSlots), with a pool
+        self.shared = isinstance(pool, MailboxClient)  # a shared pool (serving ranks of several replicas)
+        self.pool = pool if self.shared or (pool is not None and pool.client.pool_ranks) else None
+        self.pooled = None  # the pool's end of the slot K/V: PooledSlots, or the MailboxClient itself
         self._members: dict[int, int] = {}  # request -> ranks holding its K/V (1: this one only)
         self.pooled_running = 0  # running rows of pooled requests
         self._tokens: dict[int, int] = {}  # request -> prompt + new tokens it was admitted with
         if self.pool is not None:
-            self.pooled = PooledSlots(self.pool.client, cache, dtype=cache.k[0].dtype, backend=decode_backend)
+            if self.shared:
+                self.pooled = pool
+                pool.init(cache, pool_slots=pool_slots or cache.slots)
+                # each row's pool ranks and slots there (-1: none), for the pool ranks' row tables
+                self.pool_ranks = torch.full((rows, pool.members - 1), -1, **long)
+                self.pool_slots = torch.full((rows, pool.members - 1), -1, **long)
+            else:
+                self.pooled = PooledSlots(self.pool.client, cache, dtype=cache.k[0].dtype, backend=decode_backend)
             self.table = torch.zeros((rows, 4), **long)  # the pooled steps' row table (slot_kv's columns)
             self.table[:, MEMBERS] = 1
             self._pooled_steps = {b: PooledDecodeStep(self.table[:b], self.pooled, decode_backend)
@@ -118,8 +127,8 @@ class ServingEngine:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pooled_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if pool_graphs and not (self.cuda_graphs and self.pool is not None):
-            raise ValueError("pool_graphs needs CUDA graphs and a pool")
+        if pool_graphs and not (self.cuda_graphs and self.pool is not None and not self.shared):
+            raise ValueError("pool_graphs needs CUDA graphs and a dedicated pool (a shared pool's exchanges are eager)")
         if self.cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError("CUDA graphs need a CUDA device")
@@ -186,12 +195,20 @@ class ServingEngine:
         the base and its pool ranks)."""
         self.cache.check_fits(request, tokens, self.pooled.members if self.pooled is not None else 1)
 
-    def admit(self, request: int, tokens: int) -> bool:
+    def admit(self, request: int, tokens: int, prompt_len: int = 0) -> bool:
         """Reserve a slot for ``request`` (prompt + new tokens); False while none is free. With a pool, a request
-        longer than a slot fits if it fits the slots of the base and its pool ranks (it is then pooled)."""
+        longer than a slot fits if it fits the slots of the base and its pool ranks (it is then pooled). A shared
+        pool places a long one (prompt over the threshold, or more than a slot) when it is admitted: it waits
+        (False) while the pool has no room for it."""
         members = self.pooled.members if self.pooled is not None else 1
         if self.cache.admit(request, tokens, members) is None:
             return False
+        if self.shared and (prompt_len > self.pooled.threshold or tokens > self.cache.capacity):
+            placement = self.pooled.admit(request, tokens, prompt_len)
+            if placement is None:
+                self.cache.release(request)
+                return False
+            self._members[request] = len(placement) + 1
         self._tokens[request] = tokens
         return True
 
@@ -205,7 +222,9 @@ class ServingEngine:
 
     def _members_for(self, request: int, n: int) -> int:
         """Ranks for a prompt of ``n`` tokens: the pool's resource manager decides, raised to what the request's
-        admitted tokens need."""
+        admitted tokens need (a shared pool placed it at admission)."""
+        if self.shared:
+            return self._members.get(request, 1)
         active = self.pool.manager.decide(n)
         need = -(-self._tokens.get(request, n) // self.cache.capacity)
         members = max(active + 1, need)
@@ -222,7 +241,7 @@ class ServingEngine:
             return []
         if self.running + len(batch) > self.cache.slots:
             raise RuntimeError(f"{self.running} rows run and {len(batch)} join: more than the {self.cache.slots} slots")
-        if self.pool is not None:
+        if self.pool is not None and not self.shared:
             self.pool.manager.new_step()
         members = [self._members_for(r, len(p)) if self.pool is not None else 1 for r, p in batch]
         cap = self.cache.capacity
@@ -254,7 +273,8 @@ class ServingEngine:
         ids = torch.tensor(prompt, dtype=torch.long, device=dev)[None]
         pos = torch.arange(n, device=dev)[None]
         rope = self.attention.rope_for(pos, self.model.config.params_dtype)
-        logits = self._forward(PooledPrefillStep(self.pooled, self.cache.slot_of[request], members, rope), ids, pos)
+        step = PooledPrefillStep(self.pooled, request, self.cache.slot_of[request], members, rope)
+        logits = self._forward(step, ids, pos)
         return self._first_tokens(logits[0, -1:], [(request, prompt)], [n], [members])[0]
 
     def _forward(self, step, ids, pos):
@@ -290,6 +310,10 @@ class ServingEngine:
         if self.pool is not None:
             self.table[rows, PROMPT] = torch.tensor(lengths, dtype=torch.long, device=dev)
             self.table[rows, MEMBERS] = torch.tensor(members, dtype=torch.long, device=dev)
+        if self.shared:
+            for row, r in zip(rows.tolist(), requests):
+                for j, (p, s) in enumerate(self.pooled.placement.get(r, ())):
+                    self.pool_ranks[row, j], self.pool_slots[row, j] = p, s
         for r, m in zip(requests, members):
             self.row_of[r] = len(self.rows)
             self.rows.append(r)
@@ -320,7 +344,9 @@ class ServingEngine:
         """A pooled step of ``b`` rows: the row table's positions and slots brought up to date, sent to the pool."""
         self.table[:b, POSITION].copy_(self.pos[:b])
         self.table[:b, SLOT].copy_(self.slot[:b])
-        self.pooled.announce(self.table[:b], heads=self._heads, softmax_scale=self._scale)
+        placement = (self.pool_ranks[:b], self.pool_slots[:b]) if self.shared else (None, None)
+        self.pooled.announce(self.table[:b], heads=self._heads, softmax_scale=self._scale, ranks=placement[0],
+                             slots=placement[1])
 
     def _read_tokens(self, b: int) -> torch.Tensor:
         """The step's one host synchronisation: ``b`` new tokens into the host buffer."""
@@ -346,11 +372,14 @@ class ServingEngine:
             self._tokens.pop(r, None)
             if self._members.pop(r, 1) > 1:
                 self.pooled_running -= 1
+            if self.shared:
+                self.pooled.release(r)
         return out
 
     def _remove_row(self, request: int) -> None:
         row, last = self.row_of.pop(request), len(self.rows) - 1
-        buffers = (self.ids, self.pos, self.slot, self.keys, self.gen) + ((self.table,) if self.pool is not None else ())
+        buffers = (self.ids, self.pos, self.slot, self.keys, self.gen) + ((self.table,) if self.pool is not None else ()) \
+            + ((self.pool_ranks, self.pool_slots) if self.shared else ())
         if row != last:  # the last row moves into the freed one
             for t in buffers:
                 t[row] = t[last]
@@ -364,3 +393,5 @@ class ServingEngine:
         if self.pool is not None:
             self.table[last] = 0
             self.table[last, MEMBERS] = 1
+        if self.shared:
+            self.pool_ranks[last], self.pool_slots[last] = -1, -1

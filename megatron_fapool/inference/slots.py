@@ -28,8 +28,7 @@ import torch
 
 from ..attention import Dense, Pooled
 from ..attention.kernels import packed_causal, slot_decode
-from ..attention.pool import PooledAttention
-from ..attention.pool.slot_kv import PooledSlots, SlotKV, attend_rows
+from ..attention.pool.slot_kv import SlotKV, attend_rows
 from ..models.specs import layer_spec_for
 from .rope_append import cos_sin, rotate, rotate_and_append
 
@@ -144,7 +143,8 @@ class PrefillStep:
 class PooledPrefillStep:
     """One pooled prompt ``[1, n]``: attention through the pool, its K/V spread over ``members`` ranks' slot ``slot``."""
 
-    pool: PooledSlots
+    pool: object  # the pool's end: PooledSlots (dedicated pool) or MailboxClient (shared pool)
+    request: int
     slot: int
     members: int  # the base + members - 1 pool ranks
     rope: tuple | None = None  # deferred RoPE: (cos, sin) [1, n, 1, d], and interleaved
@@ -153,9 +153,7 @@ class PooledPrefillStep:
         if q.shape[0] != 1:
             raise ValueError(f"a pooled prefill runs one prompt per forward, got {q.shape[0]}")
         q, k = _rotated(self.rope, q, k)
-        out = PooledAttention.apply(q, k, v, self.pool.client, self.members - 1, True, scale)
-        self.pool.store(layer, self.slot, k[0], v[0], self.members)
-        return out
+        return self.pool.prefill(layer, self.slot, self.request, q, k, v, scale, self.members)
 
 
 @dataclass
@@ -166,7 +164,7 @@ class PooledDecodeStep:
     partials layer by layer. Unpooled rows (members 1) come out as in :class:`DecodeStep`."""
 
     table: torch.Tensor  # [B, 4] int64: the engine's persistent row table (a view of the bucket's rows)
-    pool: PooledSlots
+    pool: object  # PooledSlots or MailboxClient
     backend: str = "auto"
     rope: tuple | None = None
     rows: tuple | None = None  # decode_rows(0, table): computed once per forward (set by the engine)
@@ -177,7 +175,7 @@ class PooledDecodeStep:
         q, k = _rotated(self.rope, q, k)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         out, lse = attend_rows(cache, layer, self.rows, q, k, v, scale, self.backend)
-        return self.pool.merge(q, k, v, out, lse)[:, None]
+        return self.pool.merge(layer, q, k, v, out, lse)[:, None]
 
 
 class SlotAttention:

@@ -90,9 +90,9 @@ def _exit_naming(e: PeerLost, monitor: LivenessMonitor) -> None:
 
 
 def run(cfg: RunConfig, layout: Layout, base_work: BaseWork, *, expert_work: BaseWork | None = None,
-        timeout_s: float = 600.0, exit_on_peer_lost: bool = False) -> int:
-    """Run one job on this rank: start-up, ``base_work`` (base ranks), serving (pool ranks) or
-    ``expert_work`` (expert ranks, MA separation), teardown.
+        pool_work: BaseWork | None = None, timeout_s: float = 600.0, exit_on_peer_lost: bool = False) -> int:
+    """Run one job on this rank: start-up, ``base_work`` (base ranks), serving (pool ranks: ``pool_work``, by
+    default :func:`serve_pool`) or ``expert_work`` (expert ranks, MA separation), teardown.
 
     ``timeout_s`` bounds every collective (a pool rank waits this long for its base rank).
     Returns 0. An exception leaves without the teardown on purpose: the liveness monitor
@@ -118,6 +118,8 @@ def run(cfg: RunConfig, layout: Layout, base_work: BaseWork, *, expert_work: Bas
     try:
         if groups.is_base:
             base_work(groups, device)
+        elif groups.is_pool and pool_work is not None:
+            pool_work(groups, device)
         elif groups.is_pool:
             serve_pool(groups, device, cfg.fapool.attention_pool)
         else:

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 
 from .distributed import find_free_port
 
-__all__ = ["ROOT", "build_corpus", "launch_command", "read_metrics", "run_ok", "subprocess_env", "train_args"]
+__all__ = ["ROOT", "build_corpus", "launch_command", "read_metrics", "run_and_kill", "run_ok", "subprocess_env",
+           "train_args"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BIN = os.path.dirname(sys.executable)
@@ -63,3 +68,42 @@ def train_args(cfg, data, metrics, *extra, iters: int, seq: int) -> list[str]:
     and written to ``metrics``; ``extra`` flags after them (a repeated flag overrides)."""
     return ["--deepspeed_config", str(cfg), "--data-path", str(data), "--train-iters", str(iters),
             "--seq-length", str(seq), "--log-interval", "1", "--metrics-file", str(metrics), *extra]
+
+
+_PID = re.compile(r"fapool: rank (\d+) pid (\d+)")
+
+
+def _kill_when(proc, pattern: str, rank: int, found: dict) -> None:
+    """SIGKILL ``rank`` once ``pattern`` was printed and its pid is known.
+
+    Ranks print to one pipe, so a pid line may arrive glued to another rank's output or
+    after the pattern: search anywhere in a line, and kill as soon as both are seen.
+    """
+    pids, seen = {}, False
+    for line in proc.stdout:
+        found.setdefault("lines", []).append(line)
+        pids.update({int(r): int(p) for r, p in _PID.findall(line)})
+        seen = seen or pattern in line
+        if seen and rank in pids and "killed_at" not in found:
+            os.kill(pids[rank], signal.SIGKILL)
+            found["killed_at"] = time.monotonic()
+
+
+def run_and_kill(cmd: list[str], pattern: str, rank: int, timeout: float = 240) -> tuple[int, str, float]:
+    """Run ``cmd`` (a launch), SIGKILL ``rank`` once ``pattern`` is printed; ``(exit code, output, seconds from
+    the kill to the exit)``. The kill must have happened (the assertion shows the output's end)."""
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+    found: dict = {}
+    reader = threading.Thread(target=_kill_when, args=(proc, pattern, rank, found), daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ended = time.monotonic()
+    reader.join(timeout=10)
+    out = "".join(found.get("lines", []))
+    assert "killed_at" in found, out[-3000:]
+    return rc, out, ended - found["killed_at"]

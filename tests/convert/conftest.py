@@ -1,13 +1,15 @@
-"""What the converter's tests share: a config writer, a corpus and one trained checkpoint per worker.
+"""What the converter's tests share: a config writer, a corpus and one trained checkpoint.
 
 ``rope_tp2`` is a real checkpoint of launch/train.py (the tiny RoPE model, TP 2, ZeRO 1,
 2 micro-batches per step, 3 iterations, a checkpoint after each); tests that break it copy it first.
+Both are built once per session, whichever xdist worker asks first (tests/conftest.py's ``build_once``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,14 +36,20 @@ def write_config():
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    return build_corpus(str(tmp_path_factory.mktemp("data") / "stdlib"), max_files=20)
+def corpus(build_once):
+    """20 files of the standard library (one build for every worker: tests/conftest.py's build_once)."""
+    return build_once("corpus20", lambda d: build_corpus(str(d / "stdlib"), max_files=20))
 
 
-@pytest.fixture(scope="session")
-def rope_tp2(tmp_path_factory, corpus):
-    d = tmp_path_factory.mktemp("rope_tp2")
+def _train_rope_tp2(d, corpus) -> dict:
     cfg = write_config_file(d / "tp2.json", tp=2, gas=2)
     run_ok(launch_command("torchrun", 2, "train", train_args(cfg, corpus, d / "m.jsonl", "--save", str(d / "ckpt"),
                                                              "--save-interval", "1", iters=3, seq=64)), timeout=240)
-    return {"dir": d, "cfg": cfg, "ckpt": str(d / "ckpt")}
+    return {"dir": str(d), "cfg": cfg, "ckpt": str(d / "ckpt")}
+
+
+@pytest.fixture(scope="session")
+def rope_tp2(build_once, corpus):
+    """Trained once for every worker (build_once): test_cli, test_dist and test_end_to_end read it."""
+    out = build_once("rope_tp2", lambda d: _train_rope_tp2(d, corpus))
+    return {**out, "dir": Path(out["dir"])}

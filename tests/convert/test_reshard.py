@@ -11,6 +11,10 @@ each has A's learning rate exactly at every iteration, its loss at the next iter
 1e-5 and over the next 10 within 1e-4 (relative). The control, A@10 resharded with the
 optimizer reset (weights, LR schedule and counters carried; Adam's moments and step fresh),
 matches at the next iteration (same weights) but fails the 10-iteration bar.
+
+A reshard is ``ours_to_dist`` into a staging folder, then ``dist_to_ours``: B and C go through
+``reshard``; D and the control reuse C's and B's staging copies of the same sources (B@12, A@10)
+for the second half alone.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_fapool.config import load_run_config
-from megatron_fapool.convert.deepspeed_io import reshard
+from megatron_fapool.convert.deepspeed_io import dist_to_ours, reshard
 from megatron_fapool.convert.ours import open_ours
 from megatron_fapool.convert.progress import Progress
 from megatron_fapool.testing.launch import launch_command, read_metrics, run_ok, train_args
@@ -37,6 +41,15 @@ def _train(cfg, corpus, metrics, *extra, nproc: int) -> dict:
 def _reshard(src: str, tag: str, cfg: str, out, *, optimizer: str = "carry") -> str:
     reshard(open_ours(src, tag), load_run_config(cfg), str(out), staging=str(out) + ".dist",
             optimizer=optimizer, progress=Progress(quiet=True), timeout=300)
+    return str(out)
+
+
+def _reshard_again(first, cfg: str, out, *, optimizer: str = "carry") -> str:
+    """The second half of a reshard (``dist_to_ours``) from the staging copy that ``_reshard`` left for ``first``
+    (reshard = ``ours_to_dist`` into the staging folder, then ``dist_to_ours``): the same source resharded
+    for another target, without writing the same distributed checkpoint a second time."""
+    dist_to_ours(str(first) + ".dist", load_run_config(cfg), str(out), optimizer=optimizer,
+                 progress=Progress(quiet=True), timeout=300)
     return str(out)
 
 
@@ -80,27 +93,33 @@ def test_tp2_to_tp1_resumes(world, run_b):
     assert open_ours(out, "iter_0000012").tp == 1
 
 
-def test_tp1_to_tp2_resumes(world, run_b):
+@pytest.fixture(scope="module")
+def run_c(world, run_b):
+    """B@12 resharded to TP 2 (its staging copy of B@12 is resharded again for D)."""
+    return _reshard(run_b[0], "iter_0000012", world["tp2"], world["dir"] / "C")
+
+
+def test_tp1_to_tp2_resumes(world, run_c):
     d = world["dir"]
-    out = _reshard(run_b[0], "iter_0000012", world["tp2"], d / "C")
+    out = run_c
     assert open_ours(out).tp == 2 and open_ours(out).meta["config"] == world["tp2"]
     metrics = _train(world["tp2"], world["corpus"], d / "c.jsonl", "--load", out, nproc=2)
     assert sorted(metrics) == list(range(13, ITERS + 1))
     assert not _misses(metrics, world["A"], 12)
 
 
-def test_dp1_to_dp2_resumes(world, run_b):
+def test_dp1_to_dp2_resumes(world, run_b, run_c):
     d = world["dir"]
-    out = _reshard(run_b[0], "iter_0000012", world["dp2"], d / "D")
+    out = _reshard_again(run_c, world["dp2"], d / "D")  # B@12, through C's staging copy of it
     assert open_ours(out).dp == 2
     metrics = _train(world["dp2"], world["corpus"], d / "d.jsonl", "--load", out, nproc=2)
     assert sorted(metrics) == list(range(13, ITERS + 1))
     assert not _misses(metrics, world["A"], 12)
 
 
-def test_control_with_the_optimizer_reset_fails_the_bar(world):
+def test_control_with_the_optimizer_reset_fails_the_bar(world, run_b):
     d = world["dir"]
-    out = _reshard(str(d / "A"), "iter_0000010", world["tp1"], d / "R", optimizer="reset")
+    out = _reshard_again(run_b[0], world["tp1"], d / "R", optimizer="reset")  # A@10, through B's staging copy
     metrics = _train(world["tp1"], world["corpus"], d / "r.jsonl", "--load", out, "--train-iters", "16", nproc=1)
     ref = world["A"]
     assert abs(metrics[11]["loss"] - ref[11]["loss"]) <= 1e-5 * ref[11]["loss"]  # the weights were carried

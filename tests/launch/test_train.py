@@ -13,17 +13,11 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import threading
-import time
 
 import pytest
 import torch
 
-from megatron_fapool.testing.launch import (
-    build_corpus, launch_command, read_metrics, run_ok, subprocess_env, train_args,
-)
+from megatron_fapool.testing.launch import build_corpus, launch_command, read_metrics, run_and_kill, run_ok, train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
@@ -47,8 +41,9 @@ def _train_args(cfg, data, metrics, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(str(tmp_path_factory.mktemp("data") / "stdlib"))
+def corpus(build_once):
+    """60 files of the standard library, built once for test_train.py and test_train_ma.py (tests/conftest.py)."""
+    return build_once("corpus60", lambda d: build_corpus(str(d / "stdlib")))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +92,8 @@ def test_data_parallel_zero2_with_accumulation(corpus, tmp_path):
     on = _config(tmp_path / "on.json", pool=True, mutate=lambda d: _dp2(d, pool=True, stage=2, tmp=tmp_path / "on"))
     off = _config(tmp_path / "off.json", pool=False,
                   mutate=lambda d: _dp2(d, pool=False, stage=0, tmp=tmp_path / "off"))
-    out = run_ok(launch_command("deepspeed", 4, "train", _train_args(on, corpus, tmp_path / "on.jsonl") + iters)).stdout
+    # torchrun: the deepspeed launcher is straight_run's (and the killed run's below)
+    out = run_ok(launch_command("torchrun", 4, "train", _train_args(on, corpus, tmp_path / "on.jsonl") + iters)).stdout
     run_ok(launch_command("torchrun", 2, "train", _train_args(off, corpus, tmp_path / "off.jsonl") + iters))
     a, b = read_metrics(tmp_path / "on.jsonl"), read_metrics(tmp_path / "off.jsonl")
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -122,55 +118,18 @@ def test_checkpoints_are_complete_and_committed(straight_run):
         assert "mp_rank_00_model_states.pt" in names and "mp_rank_01_model_states.pt" in names  # one file per TP shard
 
 
-_PID = re.compile(r"fapool: rank (\d+) pid (\d+)")
-
-
-def _kill_when(proc, pattern: str, rank: int, found: dict):
-    """SIGKILL ``rank`` once ``pattern`` was printed and its pid is known.
-
-    Ranks print to one pipe, so a pid line may arrive glued to another rank's output or
-    after the pattern: search anywhere in a line, and kill as soon as both are seen.
-    """
-    pids, seen = {}, False
-    for line in proc.stdout:
-        found.setdefault("lines", []).append(line)
-        pids.update({int(r): int(p) for r, p in _PID.findall(line)})
-        seen = seen or pattern in line
-        if seen and rank in pids and "killed_at" not in found:
-            os.kill(pids[rank], signal.SIGKILL)
-            found["killed_at"] = time.monotonic()
-
-
-def _run_and_kill(launcher: str, args, pattern: str, rank: int) -> tuple[int, dict]:
-    """Launch 4 ranks, SIGKILL ``rank`` once ``pattern`` is printed; (exit code, what :func:`_kill_when` saw)."""
-    proc = subprocess.Popen(launch_command(launcher, 4, "train", args), env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    found: dict = {}
-    reader = threading.Thread(target=_kill_when, args=(proc, pattern, rank, found), daemon=True)
-    reader.start()
-    try:
-        rc = proc.wait(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(timeout=10)
-    assert "killed_at" in found, "".join(found.get("lines", []))[-3000:]
-    return rc, found
-
-
 def test_sigkill_then_resume_loses_nothing_saved(straight_run, corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
     metrics = tmp_path / "killed.jsonl"
     args = _train_args(straight_run["cfg"], corpus, metrics, "--save", str(ckpt), "--save-interval", "5")
-    rc, found = _run_and_kill("deepspeed", args, f"iteration {12:>8d}/", 1)
-    assert rc != 0
-    assert time.monotonic() - found["killed_at"] < 60
+    rc, _, took = run_and_kill(launch_command("deepspeed", 4, "train", args), f"iteration {12:>8d}/", 1)
+    assert rc != 0 and took < 60
     assert (ckpt / "latest").read_text() == "iter_0000010"
 
     resumed = tmp_path / "resumed.jsonl"
     args = _train_args(straight_run["cfg"], corpus, resumed, "--save", str(ckpt), "--save-interval", "5",
                        "--load", str(ckpt))
-    proc2 = run_ok(launch_command("deepspeed", 4, "train", args))
+    proc2 = run_ok(launch_command("torchrun", 4, "train", args))  # resumed under the other launcher
     assert "resumed from" in proc2.stdout and "at iteration 10" in proc2.stdout
     after = read_metrics(resumed)
     assert sorted(after) == list(range(11, ITERS + 1))
@@ -194,10 +153,8 @@ def test_sigkill_of_a_pool_rank_ends_every_rank(corpus, tmp_path):
     """SIGKILL pool rank 2 (it serves base rank 0) mid-run: every rank exits non-zero within 60 s, naming rank 2."""
     cfg = _config(tmp_path / "c.json", pool=True)
     args = _train_args(cfg, corpus, tmp_path / "m.jsonl") + ["--train-iters", "400"]
-    rc, found = _run_and_kill("torchrun", args, f"iteration {3:>8d}/", 2)
-    out = "".join(found.get("lines", []))
-    assert rc != 0
-    assert time.monotonic() - found["killed_at"] < 60
+    rc, out, took = run_and_kill(launch_command("torchrun", 4, "train", args), f"iteration {3:>8d}/", 2)
+    assert rc != 0 and took < 60
     # Named by whoever sees it first: the base rank (its pooled call failed), the liveness
     # monitor, or the launcher's root-cause report (torchrun stops the others at once).
     named = (

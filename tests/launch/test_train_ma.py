@@ -3,7 +3,7 @@
 * MA separation equals colocated MoE (the same model on 3 base ranks: same DP 3, seed, data and
   initial weights) within rel 1e-4 per iteration — lm loss, load-balancing and z losses, the
   global gradient norm (attention *and* expert parameters: it is what clipping divides by), LR —
-  over 20 iterations with ZeRO 1, and with ZeRO 2 and ping-pong (2 parts per micro-batch of 2),
+  over 10 iterations with ZeRO 1, and with ZeRO 2 and ping-pong (2 parts per micro-batch of 2),
   gradient accumulation 2, clipping 1.0;
 * the checkpoint holds the expert rank's engine under the same tag with a manifest, and the
   checkpoint converter exports it to HF and to a distributed checkpoint, verified;
@@ -20,21 +20,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import threading
-import time
 
 import pytest
 import torch
 
-from megatron_fapool.testing.launch import (
-    build_corpus, launch_command, read_metrics, run_ok, subprocess_env, train_args,
-)
+from megatron_fapool.testing.launch import build_corpus, launch_command, read_metrics, run_and_kill, run_ok, train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MA = os.path.join(ROOT, "configs", "tiny_moe_ma.json")
-ITERS = 20
+ITERS = 10  # checkpoints every 5: the kill at 7 leaves 5 as the last complete one
+KILL_AT = 7
 SEQ = 256
 REL = 1e-4
 
@@ -64,8 +59,9 @@ def _close(a: float, b: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(str(tmp_path_factory.mktemp("data") / "stdlib"))
+def corpus(build_once):
+    """60 files of the standard library, built once for test_train.py and test_train_ma.py (tests/conftest.py)."""
+    return build_once("corpus60", lambda d: build_corpus(str(d / "stdlib")))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +119,7 @@ def test_ma_equals_colocated_zero1(ma_run, colocated):
 def test_ma_zero2_pingpong_equals_colocated(corpus, colocated, tmp_path):
     """ZeRO 2 on both engines (the expert engine reduces into its partitions during each backward
     piece), with ping-pong: each micro-batch of 2 runs as 2 parts taking turns."""
-    iters = 12
+    iters = ITERS
 
     def pingpong(data):
         data["fapool"]["ma_separation"]["micro_batches"] = 2
@@ -140,8 +136,8 @@ def test_ma_zero2_pingpong_equals_colocated(corpus, colocated, tmp_path):
 
 def test_checkpoint_holds_the_expert_rank(ma_run):
     ckpt = ma_run["dir"] / "ckpt"
-    assert (ckpt / "latest").read_text() == "iter_0000020"
-    tag = ckpt / "iter_0000020"
+    assert (ckpt / "latest").read_text() == f"iter_{ITERS:07d}"
+    tag = ckpt / f"iter_{ITERS:07d}"
     meta = json.loads((tag / "fapool_checkpoint.json").read_text())
     assert meta["iteration"] == ITERS and meta["model"]["ma_separation"] is True
     names = os.listdir(tag / "experts")
@@ -178,58 +174,31 @@ def test_the_checkpoint_converts_to_hf_and_dist(ma_run, tmp_path, capsys):
     assert "summary: 77 tensors" in out and "0 not bitwise equal" in out and "verify: PASS" in out, out[-3000:]
 
 
-_PID = re.compile(r"fapool: rank (\d+) pid (\d+)")
-
-
-def _kill_when(proc, pattern: str, rank: int, found: dict):
-    pids, seen = {}, False
-    for line in proc.stdout:
-        found.setdefault("lines", []).append(line)
-        pids.update({int(r): int(p) for r, p in _PID.findall(line)})
-        seen = seen or pattern in line
-        if seen and rank in pids and "killed_at" not in found:
-            os.kill(pids[rank], signal.SIGKILL)
-            found["killed_at"] = time.monotonic()
-
-
 def test_sigkill_of_the_expert_rank_then_resume(ma_run, corpus, tmp_path):
-    """SIGKILL expert rank 3 at iteration 12: every rank exits non-zero within 60 s naming it, ``latest`` stays
-    on iteration 10; --load resumes there and reproduces the uninterrupted run exactly."""
+    """SIGKILL expert rank 3 at iteration 7: every rank exits non-zero within 60 s naming it, ``latest`` stays
+    on iteration 5; --load resumes there and reproduces the uninterrupted run exactly."""
     ckpt = tmp_path / "ckpt"
     args = _train_args(ma_run["cfg"], corpus, tmp_path / "killed.jsonl", "--save", str(ckpt), "--save-interval", "5")
-    proc = subprocess.Popen(launch_command("torchrun", 4, "train", args), env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    found: dict = {}
-    reader = threading.Thread(target=_kill_when, args=(proc, f"iteration {12:>8d}/", 3, found), daemon=True)
-    reader.start()
-    try:
-        rc = proc.wait(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(timeout=10)
-    out = "".join(found.get("lines", []))
-    assert "killed_at" in found, out[-3000:]
-    assert rc != 0
-    assert time.monotonic() - found["killed_at"] < 60
+    rc, out, took = run_and_kill(launch_command("torchrun", 4, "train", args), f"iteration {KILL_AT:>8d}/", 3)
+    assert rc != 0 and took < 60
     named = ("lost contact with rank(s) [3]" in out or "expert rank 3 (experts 0-15)" in out
              or re.search(r"Root Cause.*?rank\s*:\s*3 \(local_rank: 3\)", out, re.S))
     assert named, out[-3000:]
-    assert (ckpt / "latest").read_text() == "iter_0000010"
+    assert (ckpt / "latest").read_text() == "iter_0000005"
 
     resumed = tmp_path / "resumed.jsonl"
     args = _train_args(ma_run["cfg"], corpus, resumed, "--save", str(ckpt), "--save-interval", "5", "--load", str(ckpt))
     proc2 = run_ok(launch_command("torchrun", 4, "train", args))
-    assert "resumed from" in proc2.stdout and "at iteration 10" in proc2.stdout
+    assert "resumed from" in proc2.stdout and "at iteration 5" in proc2.stdout
     after, straight = read_metrics(resumed), ma_run["metrics"]
-    assert sorted(after) == list(range(11, ITERS + 1))
+    assert sorted(after) == list(range(6, ITERS + 1))
     for it in after:
         for key in ("loss", "grad_norm", "load_balancing_loss", "z_loss", "learning_rate"):
             assert after[it][key] == straight[it][key], (it, key, after[it][key], straight[it][key])
     # bit-identical final weights on both roles
     for shard in ("mp_rank_00_model_states.pt", os.path.join("experts", "mp_rank_00_model_states.pt")):
-        a = torch.load(ma_run["dir"] / "ckpt" / "iter_0000020" / shard, map_location="cpu", weights_only=False)
-        b = torch.load(ckpt / "iter_0000020" / shard, map_location="cpu", weights_only=False)
+        a = torch.load(ma_run["dir"] / "ckpt" / f"iter_{ITERS:07d}" / shard, map_location="cpu", weights_only=False)
+        b = torch.load(ckpt / f"iter_{ITERS:07d}" / shard, map_location="cpu", weights_only=False)
         assert a["module"].keys() == b["module"].keys()
         for name, t in a["module"].items():
             if torch.is_tensor(t):

@@ -5,17 +5,19 @@ steps one replica is long and the other short, in others the reverse, both or ne
 pool ranks belong to no replica: every step's assignment (agreed by all ranks from the
 replicas' lengths) gives them to the long replicas only, and the losses equal the same run
 without the pool. TP 1 replicas through torchrun; TP 2 replicas (6 ranks) through the deepspeed
-launcher.
+launcher. Killing a pool rank that serves both replicas (in turn) ends every rank within 60 s,
+naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
-from megatron_fapool.testing.launch import build_corpus, launch_command, read_metrics, run_ok, train_args
+from megatron_fapool.testing.launch import build_corpus, launch_command, read_metrics, run_and_kill, run_ok, train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
@@ -66,3 +68,13 @@ def test_shared_pool_serves_the_long_replica_and_equals_pool_off(corpus, tmp_pat
                                           for r in range(2) if replica_long[r]), (it, demands, blocks)
     assert {(True, False), (False, True)} <= orders, orders  # one replica long and the other short, and the reverse
     assert "pool rank for a shared pool" in proc.stdout and "shared pool counters:" in proc.stdout
+
+
+def test_sigkill_of_a_shared_pool_rank_ends_every_rank(corpus, tmp_path):
+    cfg = _config(tmp_path / "c.json", tp=1, pool=True)
+    args = train_args(cfg, corpus, tmp_path / "m.jsonl", iters=400, seq=256)
+    rc, out, took = run_and_kill(launch_command("torchrun", 4, "train", args), f"iteration {3:>8d}/", 2)
+    assert rc != 0 and took < 60
+    named = ("lost contact with rank(s) [2" in out or "lost rank 2 (pool)" in out
+             or re.search(r"Root Cause.*?rank\s*:\s*2 \(local_rank: 2\)", out, re.S))
+    assert named, out[-3000:]

@@ -38,19 +38,19 @@ def _run_case(model, n, seed, vocab):
     return logits.detach(), loss.detach()
 
 
-def _reference_body(rank, world, cases):
+def _reference_body(rank, world, lengths):
     from megatron_fapool.config import load_run_config
     from megatron_fapool.testing.megatron_reference import cpu_reference_shims, reference_gpt_model
 
     cfg = load_run_config(CONFIG)
     lm = cfg.model.language_model
     model = reference_gpt_model(cfg)
-    out = {"state": {k: v.detach().clone() for k, v in model.named_parameters()}, "cases": []}
+    out = {"state": {k: v.detach().clone() for k, v in model.named_parameters()}, "cases": {}}
     with cpu_reference_shims():
-        for n, _ in cases:
+        for n in lengths:
             logits, loss = _run_case(model, n, n, lm.vocab_size)
             grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-            out["cases"].append({"logits": logits, "loss": loss, "grads": grads})
+            out["cases"][n] = {"logits": logits, "loss": loss, "grads": grads}
     return out
 
 
@@ -82,7 +82,8 @@ def _pool_body(rank, world, cases, reference):
     load_sharded(model, reference["state"], tp_rank, tp)
     errors, counters = [], []
     vocab = cfg.model.language_model.vocab_size
-    for (n, active), ref in zip(cases, reference["cases"]):
+    for n, active in cases:
+        ref = reference["cases"][n]
         pool.manager.new_step()
         pool.manager.max_active = active
         before = dict(pool.stats.as_dict())
@@ -95,17 +96,23 @@ def _pool_body(rank, world, cases, reference):
     return {"role": "base", "errors": errors, "counters": counters}
 
 
-@pytest.mark.parametrize(
-    "tp, world, cases",
-    [
-        # 2 base ranks at TP 2, each with 1 pool rank: 749 and 256 pooled, 100 local
-        (2, 4, [(749, 1), (100, 1), (256, 1)]),
-        # 1 base rank + 3 pool ranks: active pool sizes 3, 2, 1 and a short local sequence
-        (1, 4, [(749, 3), (100, 3), (400, 2), (300, 1)]),
-    ],
-)
-def test_pool_model_matches_single_process_megatron(tp, world, cases):
-    reference = run_distributed(_reference_body, 1, cases, timeout=240)[0]
+CASES = [
+    # 2 base ranks at TP 2, each with 1 pool rank: 749 and 256 pooled, 100 local
+    (2, 4, [(749, 1), (100, 1), (256, 1)]),
+    # 1 base rank + 3 pool ranks: active pool sizes 3, 2, 1 and a short local sequence
+    (1, 4, [(749, 3), (100, 3), (400, 2), (300, 1)]),
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The single-process reference of every length of both runs, in one process (same seed, same weights)."""
+    lengths = sorted({n for _, _, cases in CASES for n, _ in cases})
+    return run_distributed(_reference_body, 1, lengths, timeout=240)[0]
+
+
+@pytest.mark.parametrize("tp, world, cases", CASES)
+def test_pool_model_matches_single_process_megatron(tp, world, cases, reference):
     res = run_distributed(_pool_body, world, cases, reference, timeout=400, env={"FAPOOL_TEST_TP": tp})
     bases = [r for r in res if r["role"] == "base"]
     pools = [r for r in res if r["role"] == "pool"]

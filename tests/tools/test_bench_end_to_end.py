@@ -4,7 +4,8 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
+
+from megatron_fapool.testing.launch import build_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny_dense_pool.json")
@@ -46,11 +47,10 @@ def test_break_even_interpolates_where_the_pool_stays_ahead(load_tool):
     assert break_even(rows({1024: 0.5, 4096: 0.9}), 1) is None
 
 
-def test_bench_training_pool(tmp_path):
+def test_bench_training_pool(tmp_path, build_once):
     """The tool's run, metrics parsing and table (pool on = pool off is tests/launch/test_train.py's)."""
-    data = tmp_path / "d"
-    _run([os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", sysconfig.get_paths()["stdlib"],
-          "--output-prefix", str(data), "--max-files", "20"])
+    # the session's 20-file corpus (tools/preprocess_data.py; tests/convert reads the same one)
+    data = build_once("corpus20", lambda d: build_corpus(str(d / "stdlib"), max_files=20))
     md = tmp_path / "t.md"
     _run([os.path.join(ROOT, "tools", "bench_training.py"), "--deepspeed_config", TINY, "--data-path", str(data),
           "--seq-lengths", "256", "--strategies", "pool", "--train-iters", "3", "--warmup", "1",

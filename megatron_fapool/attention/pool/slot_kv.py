@@ -45,6 +45,7 @@ from ...parallel.service import DTYPES, Header, ServiceMember, named_failure, nb
 from ..kernels import merge_partials, slot_decode
 from ..kernels.slots import DECODE_BACKENDS
 from .decode import receive_prefill, scatter_prefill
+from .zigzag import PooledAttention
 
 __all__ = ["HANDLERS", "PooledSlots", "SlotKV", "decode_rows", "member_tokens"]
 
@@ -88,21 +89,22 @@ def _floor_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.div(a, b, rounding_mode="floor")
 
 
-def member_tokens(member: int, prompt: torch.Tensor, members: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+def member_tokens(member, prompt: torch.Tensor, members: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """Tokens ``member`` holds of requests whose first ``total`` (``>= prompt``) tokens are stored, per row.
 
     ``prompt``, ``members``, ``total``: int64 tensors of one shape. The prefill part is the
     member's balanced range of the prompt; decode tokens ``p = prompt .. total-1`` go to
     ``p % members``. A member at or above ``members`` holds nothing.
     """
-    share = _floor_div(prompt, members) + (member < prompt.remainder(members)).long()
-    j = torch.full_like(prompt, member)
+    j = member if torch.is_tensor(member) else torch.full_like(prompt, member)
+    share = _floor_div(prompt, members) + (j < prompt.remainder(members)).long()
     decoded = _floor_div(total - 1 - j, members) - _floor_div(prompt - 1 - j, members)
-    return torch.where(members > member, share + decoded, torch.zeros_like(prompt))
+    return torch.where(members > j, share + decoded, torch.zeros_like(prompt))
 
 
-def decode_rows(member: int, table: torch.Tensor, scratch: int):
-    """One member's view of a decode step from the row table ``[B, 4]`` (:data:`POSITION`, ...).
+def decode_rows(member, table: torch.Tensor, scratch: int):
+    """One member's view of a decode step from the row table ``[B, 4]`` (:data:`POSITION`, ...); ``member``:
+    this rank's member index, the same for every row or one per row (``[B]``, a shared pool's ranks).
 
     Returns ``(read_slots [B] int64, lengths [B] int32, write_slots [B] int64, write_pos [B] int64)``:
     row ``i`` appends its new k, v at ``(write_slots[i], write_pos[i])`` (the scratch slot
@@ -173,11 +175,18 @@ class PooledSlots:
             raise ValueError(f"members must be in 2..{self.members}, got {members}")
         self._call(self._store, layer, slot, k, v, members)
 
+    def prefill(self, layer: int, slot: int, request: int, q, k, v, softmax_scale: float, members: int):
+        """One layer of a pooled prompt ``[1, n, h, d]`` (RoPE applied): attention through the pool's first
+        ``members - 1`` ranks (zigzag), then its K/V spread over them and this rank's ``slot``."""
+        out = PooledAttention.apply(q, k, v, self.client, members - 1, True, softmax_scale)
+        self.store(layer, slot, k[0], v[0], members)
+        return out
+
     def _store(self, layer, slot, k, v, members):
         lo, hi = scatter_prefill(self.client, KV_SLOT_STORE, slot, layer, k, v, members)
         self.kv.write_prefix(layer, slot, k[lo:hi], v[lo:hi])
 
-    def announce(self, table: torch.Tensor, *, heads: int, softmax_scale: float) -> None:
+    def announce(self, table: torch.Tensor, *, heads: int, softmax_scale: float, ranks=None, slots=None) -> None:
         """Tell the pool a decode step of ``table``'s rows (``[B, 4]`` int64) comes, for every layer in order."""
         self._call(self._announce, table, heads, softmax_scale)
 
@@ -191,12 +200,12 @@ class PooledSlots:
         self.client.stats.bytes_sent += nbytes(table) * (self.members - 1)
         self._step = (b, heads, scale)
 
-    def merge(self, q, k_new, v_new, out, lse) -> torch.Tensor:
+    def merge(self, layer: int, q, k_new, v_new, out, lse) -> torch.Tensor:
         """One layer's exchange: the rows' q ``[B, hq, d]``, new k, v ``[B, hk, d]`` to the pool, the pool's
         partials back, merged with this rank's ``(out, lse)`` -> ``[B, hq, d]`` in q's dtype."""
-        return self._call(self._merge, q, k_new, v_new, out, lse)
+        return self._call(self._merge, layer, q, k_new, v_new, out, lse)
 
-    def _merge(self, q, k_new, v_new, out, lse):
+    def _merge(self, layer, q, k_new, v_new, out, lse):
         b, hq, d = q.shape
         qkv = torch.cat((q, k_new, v_new), dim=1).contiguous()
         dist.broadcast(qkv, src=self.client.rank, group=self.group)

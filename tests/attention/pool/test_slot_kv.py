@@ -105,7 +105,7 @@ def _body(rank, world):
             q = torch.randn(4, H, D, generator=g)
             k_new, v_new = torch.randn(4, HK, D, generator=g), torch.randn(4, HK, D, generator=g)
             out, lse = attend_rows(kv, layer, rows, q, k_new, v_new, SCALE, "torch")
-            out = pooled.merge(q, k_new, v_new, out, lse)
+            out = pooled.merge(layer, q, k_new, v_new, out, lse)
             for i, slot in enumerate(order):
                 k, v = full[slot, layer]
                 full[slot, layer] = k, v = torch.cat((k, k_new[i: i + 1])), torch.cat((v, v_new[i: i + 1]))

@@ -1,0 +1,314 @@
+"""A shared pool in serving: any base rank's requests on any pool ranks, replicas stepping independently.
+
+Serving replicas do not step together (no replica may wait for another's long prefill), so the
+per-step agreement of training (:mod:`.sharing`) does not fit. Instead every exchange between a
+base rank and a pool rank is *pairwise* and *one-shot*: the base posts a header and its data to
+each pool rank involved at once (non-blocking), then waits for their replies; a pool rank takes
+headers from any base rank in arrival order (its *mailbox*), receives that op's data from that
+base rank alone, computes, replies, and takes the next header. No op of a pool rank waits for
+anything but data its base rank has already posted, and no pool rank waits for another, so
+replicas sharing pool ranks cannot deadlock however their steps interleave; a decode step is one
+op per layer (a step-long op would wait for its base's next layer while that base waits for
+another pool rank). Transfers run over the pair groups ``(base, pool rank)`` created at start-up
+(the shared layout's blocks of one rank), headers over the coordination group.
+
+Ops (:data:`INIT` ... ): allocate the pool rank's :class:`~.slot_kv.SlotKV` (``pool_slots`` slots
+of the engines' capacity, shared by every base rank); admit / release a long request on the
+*coordinator* (the first pool rank: a :class:`~.shared.SharedPoolManager` in serving mode holds
+every pool rank's K/V accounting, one slot per request per rank); store a member's range of a
+layer's prefill K/V; one member's zigzag chunks of a pooled prefill's attention; one layer of a
+decode step over the rows this pool rank holds. A request's placement is ``[(pool rank, slot)]``;
+member ``j >= 1`` of it is its ``j``-th pool rank (the base is member 0), so the slot layout's
+closed-form placement (:func:`~.slot_kv.decode_rows`) applies with a per-row member index.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ...parallel.service import DTYPES, SHUTDOWN, Header, named_failure, nbytes
+from ..kernels import merge_partials
+from .decode import prefill_shards
+from .shared import PoolDemand, SharedPoolManager
+from .slot_kv import SLOT_BACKENDS, SlotKV, _pack, attend_rows, decode_rows
+from .zigzag import chunks_forward, zigzag_plan
+
+__all__ = ["MailboxClient", "MailboxServer", "PoolFull"]
+
+INIT, ADMIT, RELEASE, STORE, PREFILL, DECODE = 21, 22, 23, 24, 25, 26
+HEADER_TAG = 17
+#: Row table columns of a decode op: position, prompt length, members, slot on this rank, member index.
+TABLE_COLUMNS = 5
+
+
+class PoolFull(RuntimeError):
+    """A long request that can never get pool ranks (the coordinator's message)."""
+
+
+def _pair(groups, base: int, pool_rank: int):
+    return groups.group_of_members((base, pool_rank))
+
+
+class MailboxClient:
+    """A base rank's end of the shared serving pool (TP 1): requests' placements, prefills, decode layers."""
+
+    def __init__(self, groups, *, device, stats, threshold: int, kv_heads: int, head_dim: int, dtype,
+                 max_active: int | None = None, backend: str = "auto"):
+        layout = groups.layout
+        self.groups, self.rank, self.device, self.stats = groups, groups.rank, torch.device(device), stats
+        self.pool = tuple(range(layout.num_base, layout.num_base + layout.pool_size))
+        self.coordinator = self.pool[0]
+        self.members = min(max_active or len(self.pool), len(self.pool)) + 1  # the most ranks a request spans
+        self.threshold, self.kv_heads, self.head_dim, self.dtype = threshold, kv_heads, head_dim, dtype
+        self.backend = SLOT_BACKENDS.index(backend if backend in SLOT_BACKENDS else "auto")
+        self.capacity, self.cache = 0, None
+        self.placement: dict[int, list[tuple[int, int]]] = {}  # request -> [(pool rank, slot there)]
+        self._step: dict[int, torch.Tensor] = {}  # pool rank -> its row table of the announced decode step
+        self._heads = self._scale = None
+
+    # -- transport -----------------------------------------------------------------------
+    def _exchange(self, what: str, sends: dict[int, tuple[Header, list]], replies: dict[int, torch.Tensor]):
+        """Post every header and data tensor to each pool rank at once, then receive each reply into
+        ``replies[p]``; blame the pool ranks involved if a link breaks."""
+        def run():
+            works = []
+            for p, (header, tensors) in sends.items():
+                t = header.to_tensor(self.device)
+                works.append(dist.isend(t, dst=p, group=self.groups.coordination, tag=HEADER_TAG))
+                group = _pair(self.groups, self.rank, p)
+                for x in tensors:
+                    works.append(dist.isend(x.contiguous(), dst=p, group=group))
+                    self.stats.bytes_sent += nbytes(x)
+            for p, buf in replies.items():
+                works.append(dist.irecv(buf, src=p, group=_pair(self.groups, self.rank, p)))
+                self.stats.bytes_received += nbytes(buf)
+            for w in works:
+                w.wait()
+        named_failure(f"{what} of base rank {self.rank}", sorted(sends), run)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def init(self, cache: SlotKV, *, pool_slots: int) -> None:
+        """Serve from ``cache`` (this base rank's slots); every pool rank allocates its shared slot cache of
+        ``pool_slots`` slots of the same capacity (kept if another base rank asked for the same one)."""
+        self.cache, self.capacity, layers, capacity = cache, cache.capacity, cache.layers, cache.capacity
+        h = Header(op=INIT, n=capacity, batch=pool_slots, layer=layers, kv_heads=self.kv_heads,
+                         head_dim=self.head_dim, dtype=DTYPES.index(self.dtype))
+        self._exchange("pool init", {p: (h, []) for p in self.pool}, {})
+
+    def shutdown(self, device=None) -> None:
+        self._exchange("pool shutdown", {p: (Header(op=SHUTDOWN), []) for p in self.pool}, {})
+
+    def admit(self, request: int, tokens: int, prompt_len: int) -> list[tuple[int, int]] | None:
+        """Pool ranks and slots for a long request (``None``: wait, none free now); :class:`PoolFull` if never."""
+        need = -(-tokens // self.capacity)  # ranks its tokens need, the base included
+        reply = torch.zeros(1 + 2 * len(self.pool), dtype=torch.int64, device=self.device)
+        h = Header(op=ADMIT, call_id=request, n=tokens, batch=max(prompt_len, self.threshold + 1),
+                         members=need)
+        self._exchange("pool admission", {self.coordinator: (h, [])}, {self.coordinator: reply})
+        values = reply.tolist()
+        if values[0] < 0:
+            raise PoolFull(f"request {request}: {tokens} tokens need {need} ranks of {self.capacity}-token slots but"
+                           f" the shared pool gives a request at most {-values[0]} ranks")
+        if values[0] == 0:
+            return None
+        placement = [(values[1 + 2 * j], values[2 + 2 * j]) for j in range(values[0])]
+        self.placement[request] = placement
+        return placement
+
+    def release(self, request: int) -> None:
+        if self.placement.pop(request, None) is not None:
+            h = Header(op=RELEASE, call_id=request)
+            self._exchange("pool release", {self.coordinator: (h, [])}, {})
+
+    # -- prefill -------------------------------------------------------------------------
+    def prefill(self, layer: int, slot: int, request: int, q, k, v, softmax_scale: float, members: int):
+        """One layer of a pooled prompt ``[1, n, h, d]`` (RoPE applied): zigzag attention over the base and the
+        request's pool ranks (every member at once), then each member's range of the K/V (the base's into
+        ``slot`` of its own cache). Returns the attention output."""
+        placement = self.placement[request]
+        members = len(placement) + 1
+        b, n, hq, d = q.shape
+        hk = k.shape[2]
+        plan = zigzag_plan(n, members, causal=True)
+        h = dict(op=PREFILL, n=n, members=members, batch=b, heads=hq, kv_heads=hk, head_dim=d,
+                 **Header.encode(dtype=q.dtype, softmax_scale=softmax_scale, backend="auto"))
+        sends, replies = {}, {}
+        for j, (p, _) in enumerate(placement, start=1):
+            (a0, a1), (b0, b1) = plan.spans_of(j)
+            e = plan.kv_prefix(j)
+            sends[p] = (Header(layer=j, **h), [torch.cat((q[:, a0:a1], q[:, b0:b1]), dim=1), k[:, :e], v[:, :e]])
+            replies[p] = q.new_empty((b, (a1 - a0) + (b1 - b0), hq, d))
+        self._exchange("pooled prefill", sends, replies)  # the pool's chunks are computed meanwhile...
+        out = torch.empty_like(q)
+        spans = plan.spans_of(0)
+        outs, _ = chunks_forward([q[:, lo:hi] for lo, hi in spans], spans, k, v, causal=True,
+                                 softmax_scale=softmax_scale, backend="auto")  # ...and the base's
+        for (lo, hi), o in zip(spans, outs):
+            out[:, lo:hi] = o
+        for j, (p, _) in enumerate(placement, start=1):
+            (a0, a1), (b0, b1) = plan.spans_of(j)
+            out[:, a0:a1], out[:, b0:b1] = replies[p][:, : a1 - a0], replies[p][:, a1 - a0:]
+        bounds = prefill_shards(n, members)
+        stores = {}
+        for j, (p, pool_slot) in enumerate(placement, start=1):
+            lo, hi = bounds[j]
+            header = Header(op=STORE, call_id=pool_slot, n=hi - lo, layer=layer, kv_heads=hk, head_dim=d,
+                            dtype=DTYPES.index(k.dtype))
+            stores[p] = (header, [torch.stack((k[0, lo:hi], v[0, lo:hi]), dim=1)])
+        self._exchange("pooled K/V store", stores, {})
+        lo, hi = bounds[0]
+        self.cache.write_prefix(layer, slot, k[0, lo:hi], v[0, lo:hi])
+        self.stats.pooled_forward += 1
+        return out
+
+    # -- decode --------------------------------------------------------------------------
+    def announce(self, table: torch.Tensor, *, heads: int, softmax_scale: float, ranks=None, slots=None) -> None:
+        """A decode step of ``table``'s rows (``[B, 4]``, :mod:`.slot_kv`'s columns): each pool rank holding
+        some row gets its own table (its slot and member index per row) for every layer of the step."""
+        self._heads, self._scale = heads, softmax_scale
+        self._step = {}
+        scratch = -1  # a row this pool rank holds nothing of: it reads its own scratch slot
+        for p in sorted({p for placement in self.placement.values() for p, _ in placement}):
+            mask = ranks == p  # [B, pool ranks per row]
+            has = mask.any(1)
+            member = torch.where(has, mask.int().argmax(1) + 1, torch.full_like(has, self.members, dtype=torch.int))
+            slot = torch.where(has, (slots * mask.long()).sum(1), torch.full_like(table[:, 0], scratch))
+            self._step[p] = torch.stack((table[:, 0], table[:, 1], table[:, 2], slot, member.long()), dim=1)
+
+    def merge(self, layer: int, q, k_new, v_new, out, lse) -> torch.Tensor:
+        """One layer: the rows' q and new k, v to each pool rank of the step, their partials merged with this
+        rank's ``(out, lse)`` in pool-rank order."""
+        b, hq, d = q.shape
+        qkv = torch.cat((q, k_new, v_new), dim=1)
+        h = Header(op=DECODE, n=b, layer=layer, heads=hq, kv_heads=k_new.shape[1], head_dim=d, call_id=self.backend,
+                         **Header.encode(dtype=q.dtype, softmax_scale=self._scale, backend="auto"))
+        parts = {p: torch.empty((b, hq, d + 1), dtype=torch.float32, device=q.device) for p in self._step}
+        self._exchange("pooled decode", {p: (h, [t, qkv]) for p, t in self._step.items()}, parts)
+        o, l = out[:, None], lse.float()[:, :, None]
+        for p in sorted(parts):
+            part = parts[p]
+            o, l = merge_partials(o, l, part[:, None, :, :d], part[:, :, d, None])
+        return o[:, 0].to(q.dtype)
+
+
+# -- pool side -----------------------------------------------------------------------------
+
+class MailboxServer:
+    """A shared pool rank in serving: takes any base rank's ops in arrival order until every base rank is done."""
+
+    def __init__(self, groups, *, device, stats, pool_cfg=None):
+        layout = groups.layout
+        self.groups, self.rank, self.device, self.stats = groups, groups.rank, torch.device(device), stats
+        self.bases = tuple(range(layout.num_base))
+        self.is_coordinator = groups.rank == layout.num_base
+        self.pool_cfg = pool_cfg
+        self.kv: SlotKV | None = None
+        self.manager: SharedPoolManager | None = None  # the coordinator's ledger
+        self.free: dict[int, list[int]] = {}  # coordinator: pool rank -> free slots (lowest last)
+        self.slots_of: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (base, request) -> placement
+
+    def serve(self):
+        return named_failure(f"shared pool rank {self.rank}", self.bases, self._serve)
+
+    def _next_header(self) -> tuple[int, Header]:
+        t = Header.empty(self.device)
+        src = dist.recv(t, group=self.groups.coordination, tag=HEADER_TAG)  # from any base rank (gloo)
+        self.stats.bytes_received += nbytes(t)
+        return src, Header.from_tensor(t)
+
+    def _serve(self):
+        live = set(self.bases)
+        while live:
+            base, h = self._next_header()
+            if h.op == SHUTDOWN:
+                live.discard(base)
+                continue
+            handler = {INIT: self._init, ADMIT: self._admit, RELEASE: self._release, STORE: self._store,
+                       PREFILL: self._prefill, DECODE: self._decode}.get(h.op)
+            if handler is None:
+                raise RuntimeError(f"shared pool rank {self.rank}: unknown op {h.op} from rank {base}")
+            handler(base, h, _pair(self.groups, base, self.rank))
+        return self.stats
+
+    def _recv(self, shape, dtype, src, group) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(t, src=src, group=group)
+        self.stats.bytes_received += nbytes(t)
+        return t
+
+    def _reply(self, t, dst, group) -> None:
+        dist.send(t.contiguous(), dst=dst, group=group)
+        self.stats.bytes_sent += nbytes(t)
+
+    def _init(self, base, h, group):
+        shape = (h.layer, h.batch, h.n, h.kv_heads, h.head_dim, h.dtype)
+        if self.kv is None or getattr(self, "_shape", None) != shape:
+            self.kv = None
+            self.kv = SlotKV(layers=h.layer, slots=h.batch, capacity=h.n, kv_heads=h.kv_heads, head_dim=h.head_dim,
+                             dtype=h.torch_dtype, device=self.device)
+            self._shape = shape
+        if self.is_coordinator and self.manager is None:
+            pool = len(self.groups.layout.coordination_group()) - len(self.bases)
+            cfg = self.pool_cfg
+            self.manager = SharedPoolManager(pool, threshold=0, max_per_demand=cfg.max_active,
+                                             kv_capacity_tokens=h.batch * h.n)  # the base asks for long ones only
+            self.capacity = h.n
+            first = self.bases[-1] + 1
+            self.free = {first + i: list(range(h.batch - 1, -1, -1)) for i in range(pool)}
+
+    def _admit(self, base, h, group):
+        """One slot on each of the request's pool ranks (charged as ``capacity`` K/V tokens there)."""
+        reply = torch.zeros(1 + 2 * len(self.free), dtype=torch.int64, device=self.device)
+        size = self.manager.max_per_demand  # pool ranks per long request (no cost model in serving yet)
+        if h.members - 1 > size:
+            reply[0] = -size  # it can never fit
+        else:
+            demand = PoolDemand(replica=base, key=h.call_id, tokens=h.batch, kv_tokens=self.capacity * size)
+            ranks = self.manager.admit(demand)  # None: wait
+            if ranks:
+                first = self.bases[-1] + 1
+                placement = [(first + r, self.free[first + r].pop()) for r in ranks]
+                self.slots_of[(base, h.call_id)] = placement
+                reply[0] = len(placement)
+                for j, (p, s) in enumerate(placement):
+                    reply[1 + 2 * j], reply[2 + 2 * j] = p, s
+        self._reply(reply, base, group)
+
+    def _release(self, base, h, group):
+        for p, s in self.slots_of.pop((base, h.call_id)):
+            self.free[p].append(s)
+            self.free[p].sort(reverse=True)
+        self.manager.release(base, h.call_id)
+
+    def _store(self, base, h, group):
+        t = self._recv((h.n, 2, h.kv_heads, h.head_dim), h.torch_dtype, base, group)
+        self.kv.write_prefix(h.layer, h.call_id, t[:, 0], t[:, 1])
+
+    def _prefill(self, base, h, group):
+        plan = zigzag_plan(h.n, h.members, causal=True)
+        (a0, a1), (b0, b1) = spans = plan.spans_of(h.layer)
+        e = plan.kv_prefix(h.layer)
+        q = self._recv((h.batch, (a1 - a0) + (b1 - b0), h.heads, h.head_dim), h.torch_dtype, base, group)
+        k = self._recv((h.batch, e, h.kv_heads, h.head_dim), h.torch_dtype, base, group)
+        v = self._recv((h.batch, e, h.kv_heads, h.head_dim), h.torch_dtype, base, group)
+        outs, _ = chunks_forward([q[:, : a1 - a0], q[:, a1 - a0:]], spans, k, v, causal=True,
+                                 softmax_scale=h.softmax_scale, backend="auto")
+        self._reply(torch.cat(outs, dim=1), base, group)
+        self.stats.served_forward += 1
+        self.stats.query_rows += q.shape[1]
+
+    def _decode(self, base, h, group):
+        table = self._recv((h.n, TABLE_COLUMNS), torch.int64, base, group)
+        qkv = self._recv((h.n, h.heads + 2 * h.kv_heads, h.head_dim), h.torch_dtype, base, group)
+        table[:, 3] = torch.where(table[:, 3] < 0, self.kv.scratch, table[:, 3])
+        rows = decode_rows(table[:, 4], table[:, :4], self.kv.scratch)
+        hq, hk = h.heads, h.kv_heads
+        layer = h.layer
+        out, lse = attend_rows(self.kv, layer, rows, qkv[:, :hq], qkv[:, hq: hq + hk], qkv[:, hq + hk:],
+                               h.softmax_scale, SLOT_BACKENDS[h.call_id])
+        self._reply(_pack(out, lse), base, group)
+        self.stats.served_forward += 1
+        self.stats.query_rows += h.n
