@@ -3,6 +3,7 @@
 MA separation (and data-parallel replicas) are in test_infer_ma.py."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -153,3 +154,28 @@ def test_serves_a_trace_with_continuous_batching(tmp_path):
     assert s["slo_met"] <= 8 and s["goodput_rps"] > 0
     assert "== serving ==" in proc.stdout and "SLO (TTFT <= 2000 ms and TPOT <= 500 ms)" in proc.stdout
     assert "refused: request 8: prompt + new tokens = 4008 exceeds the slot capacity 2048" in proc.stdout
+
+
+def test_serves_a_trace_from_a_shared_pool(tmp_path):
+    """3 replicas (TP 1) + 2 shared pool ranks through torchrun: the front scheduler spreads the trace over the
+    replicas, the long requests are pooled (the 4000-token one fits only over a base and a pool rank), the
+    pool's ledger ends with nothing held."""
+    data = json.load(open(os.path.join(ROOT, "configs", "tiny_dense_rope_pool.json")))
+    data["fapool"]["model_yaml"] = os.path.join(ROOT, "configs", "models", "tiny_dense_rope.yaml")
+    data["fapool"]["parallel"]["tensor_model_parallel_size"] = 1
+    data["fapool"]["attention_pool"].update(pool_size=2, sharing="shared", max_active=1)
+    cfg = tmp_path / "shared.json"
+    cfg.write_text(json.dumps(data))
+    metrics = tmp_path / "m.json"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "5",
+           "--master_port", str(find_free_port()), INFER, "--deepspeed_config", str(cfg), "--random-weights",
+           "--trace", TRACE, "--slots", "4", "--slot-capacity", "2048", "--metrics-json", str(metrics)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["id"]: r for r in json.loads(metrics.read_text())["workloads"][0]["requests"]}
+    assert len(rows) == 9 and all(r["refused"] is None and r["new_tokens"] >= 1 for r in rows.values())
+    assert {i for i, r in rows.items() if r["pooled"]} == {i for i, r in rows.items() if r["prompt_len"] > 128}
+    assert "shared pool: 3 aligned blocks" in proc.stdout
+    counters = json.loads(re.search(r"shared pool counters: (\{.*\})", proc.stdout).group(1))
+    assert all(c["kv_tokens_held"] == 0 for c in counters["pool_ranks"].values())
+    assert sum(c["activations"] for c in counters["replicas"].values()) == sum(r["pooled"] for r in rows.values())
