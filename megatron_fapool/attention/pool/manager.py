@@ -67,6 +67,17 @@ class CostModel:
         return hi
 
 
+def threshold_and_cost(pool_cfg) -> tuple[int, CostModel | None]:
+    """The config's threshold (``"auto"``: the calibration file's) and the calibrated cost model, if any."""
+    threshold, cost = pool_cfg.threshold, None
+    if pool_cfg.calibration_file:
+        cal = load_calibration(pool_cfg.calibration_file)
+        cost = CostModel(**cal["cost_model"])
+        if threshold == "auto":
+            threshold = int(cal["threshold"])
+    return threshold, cost
+
+
 class PoolResourceManager:
     def __init__(
         self,
@@ -92,12 +103,7 @@ class PoolResourceManager:
 
     @classmethod
     def from_config(cls, pool_cfg, *, pool_share: int, stats: PoolStats | None = None) -> "PoolResourceManager":
-        threshold, cost = pool_cfg.threshold, None
-        if pool_cfg.calibration_file:
-            cal = load_calibration(pool_cfg.calibration_file)
-            cost = CostModel(**cal["cost_model"])
-            if threshold == "auto":
-                threshold = int(cal["threshold"])
+        threshold, cost = threshold_and_cost(pool_cfg)
         return cls(
             threshold=threshold, pool_share=pool_share, max_active=pool_cfg.max_active,
             hysteresis=pool_cfg.hysteresis, cost_model=cost, stats=stats,

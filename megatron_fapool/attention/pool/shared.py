@@ -215,38 +215,21 @@ class SharedPoolManager:
         return [d for _, d in sorted(keyed, key=lambda kd: kd[0])]
 
     def _share(self, order: list[PoolDemand], wanted: dict[Stream, int]) -> list[int]:
-        if self.aligned:
-            return self._share_aligned(order, wanted)
-        counts = [0] * len(order)
-        free = self.num_pool_ranks
-        for i in range(min(free, len(order))):
-            counts[i] = 1
-        free -= sum(counts)
+        """Every demand one rank in ``order`` while ranks remain; then the demand with the longest predicted
+        time grows (by one rank, or doubles when ``aligned``: powers of two up to the largest block) while
+        the ranks left allow and it wants more."""
+        counts = [1 if i < self.num_pool_ranks else 0 for i in range(len(order))]
+        free = self.num_pool_ranks - sum(counts)
+        cap = self._largest_block if self.aligned else self.num_pool_ranks
         while free:
-            below = [i for i, d in enumerate(order) if counts[i] < wanted[d.stream]]
-            if not below:
-                break
-            i = max(below, key=lambda i: (self._time(order[i].tokens, counts[i]), -i))
-            counts[i] += 1
-            free -= 1
-        return counts
-
-    def _share_aligned(self, order: list[PoolDemand], wanted: dict[Stream, int]) -> list[int]:
-        """As :meth:`_share`, in powers of two: a demand's count doubles (to at most its wanted size and the
-        largest block) while the ranks left allow, the longest predicted time first."""
-        counts = [0] * len(order)
-        free = self.num_pool_ranks
-        for i in range(min(free, len(order))):
-            counts[i] = 1
-        free -= sum(counts)
-        while free:
+            step = (lambda c: c) if self.aligned else (lambda c: 1)  # noqa: E731
             grow = [i for i, d in enumerate(order)
-                    if 2 * counts[i] <= min(wanted[d.stream], self._largest_block) and counts[i] <= free]
+                    if counts[i] + step(counts[i]) <= min(wanted[d.stream], cap) and step(counts[i]) <= free]
             if not grow:
                 break
             i = max(grow, key=lambda i: (self._time(order[i].tokens, counts[i]), -i))
-            free -= counts[i]
-            counts[i] *= 2
+            free -= step(counts[i])
+            counts[i] += step(counts[i])
         return counts
 
     def _place_aligned(self, order: list[PoolDemand], counts: list[int]) -> dict[Stream, tuple[int, ...]]:

@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ...config.calibration import load_calibration
-from .manager import CostModel
+from .manager import threshold_and_cost
 from .shared import PoolDemand, SharedPoolManager
 
 __all__ = ["DONE", "StepShare", "agree_step", "shared_manager"]
@@ -39,12 +38,7 @@ DONE = -1
 
 def shared_manager(pool_cfg, layout) -> SharedPoolManager:
     """The manager every rank of a shared-pool job builds from the same config (hence the same decisions)."""
-    threshold, cost = pool_cfg.threshold, None
-    if pool_cfg.calibration_file:
-        cal = load_calibration(pool_cfg.calibration_file)
-        cost = CostModel(**cal["cost_model"])
-        if threshold == "auto":
-            threshold = int(cal["threshold"])
+    threshold, cost = threshold_and_cost(pool_cfg)
     return SharedPoolManager(layout.pool_size, threshold=threshold, max_per_demand=pool_cfg.max_active,
                              hysteresis=pool_cfg.hysteresis, cost_model=cost, aligned=True)
 
