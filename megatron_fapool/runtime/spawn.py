@@ -50,7 +50,7 @@ class SpawnError(RuntimeError):
     """A rank failed, exited without reporting, or the run timed out."""
 
 
-def _rank_main(fn, rank, world_size, port, backend, env, args, results, collective_timeout, threads):
+def _rank_main(fn, rank, world_size, port, backend, env, args_bytes, results, collective_timeout, threads):
     """One rank: joins the parent's store, initialises the default group, runs ``fn``, reports."""
     os.environ.update(env)
     os.environ.update(
@@ -67,6 +67,7 @@ def _rank_main(fn, rank, world_size, port, backend, env, args, results, collecti
     if threads:
         torch.set_num_threads(threads)
     try:
+        args = torch.load(io.BytesIO(args_bytes), weights_only=False)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=collective_timeout))
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
@@ -120,10 +121,14 @@ def spawn_world(
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=max(5.0, timeout)))
     env = {k: str(v) for k, v in (env or {}).items()}
+    # Arguments travel as bytes: tensors pickled for a child process would each take a file descriptor,
+    # and the fork server passes a child at most a few hundred.
+    buf = io.BytesIO()
+    torch.save(tuple(args), buf)
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, r, world_size, store.port, backend, env, tuple(args), results, max(5.0, timeout), threads),
+            args=(fn, r, world_size, store.port, backend, env, buf.getvalue(), results, max(5.0, timeout), threads),
             daemon=daemon,
         )
         for r in range(world_size)
