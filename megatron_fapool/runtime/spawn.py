@@ -2,8 +2,9 @@
 
 For work that needs a world of its own inside one command (the checkpoint converter's
 source and target worlds) and for the multi-process tests (:mod:`..testing.distributed`).
-Every rank is a new process (forked from a fork server that imported torch and Megatron once, so
-a rank starts in a fraction of a second), its default group on ``backend`` (gloo on
+Every rank is a new process (on a CPU-only machine forked from a fork server that imported torch and
+Megatron once, so a rank starts in a fraction of a second; with CUDA spawned), its default group on
+``backend`` (gloo on
 CPU unless told otherwise) through a rendezvous store the parent holds, on a port the
 OS picked as it bound, so runs side by side never race for one. The parent waits for
 all ranks:
@@ -40,9 +41,10 @@ __all__ = ["SpawnError", "spawn_world"]
 
 _OK, _FAILED, _CONFIG = "ok", "failed", "config"
 
-#: Imported once by the fork server that every rank is forked from (a missing one is skipped): a rank then
-#: starts without re-importing torch and Megatron (seconds of CPU each). The server is a fresh process that
-#: has run no torch op and touched no GPU, so forking it is safe.
+#: Imported once by the fork server that every rank is forked from on a machine without a GPU (a missing one
+#: is skipped): a rank then starts without re-importing torch and Megatron (seconds of CPU each). The server
+#: is a fresh process that has run no torch op, so forking it is safe. With CUDA, ranks are spawned (those
+#: imports query the GPU, and a forked child cannot initialise CUDA again).
 PRELOAD = ("torch", "torch.distributed", "megatron.core", "megatron_fapool.models.gpt", "megatron_fapool.parallel")
 
 
@@ -113,8 +115,11 @@ def spawn_world(
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))
+    if torch.cuda.is_available():  # the preloaded imports query CUDA, which a forked child cannot use
+        ctx = mp.get_context("spawn")
+    else:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOAD))
     results = ctx.Queue()
     # The rendezvous store lives here, on a port the OS picks as it binds: a port chosen first and
     # bound later by rank 0 can be taken meanwhile by a run beside this one.
