@@ -40,6 +40,11 @@ class TimedRequest:
     arrival_s: float = 0.0  # seconds after the start of serving
 
 
+#: How long the head of the queue waits before asking again for room that only other replicas can free
+#: (a shared pool's slots) while nothing runs here.
+WAIT_FOR_ROOM_S = 0.002
+
+
 def serve(engine, timed: list[TimedRequest], *, stop_token: int | None = None, max_prefill_tokens: int = 32768,
           clock=time.perf_counter, sleep=time.sleep, on_step=None, agree=None) -> list[Generation]:
     """Serve ``timed`` requests as they arrive; one :class:`Generation` per request, in the given order.
@@ -121,6 +126,8 @@ def serve(engine, timed: list[TimedRequest], *, stop_token: int | None = None, m
             if on_step is not None:
                 on_step("decode", engine.running, len(waiting))
             leave(done, now)
+        elif not batch and waiting and not engine.running:  # room held by other replicas (a shared pool)
+            sleep(WAIT_FOR_ROOM_S)
         elif not batch and pending and not waiting:
             sleep(max(0.0, pending[0].arrival_s - (clock() - t0)))
     return [results[t.request.id] for t in timed]
