@@ -4,7 +4,8 @@ Serving replicas do not step together (no replica may wait for another's long pr
 per-step agreement of training (:mod:`.sharing`) does not fit. Instead every exchange between a
 base rank and a pool rank is *pairwise* and *one-shot*: the base posts a header and its data to
 each pool rank involved at once (non-blocking), then waits for their replies; a pool rank takes
-headers from any base rank in arrival order (its *mailbox*), receives that op's data from that
+headers from any base rank in arrival order (its *mailbox*: a receive from any source, which gloo
+has and NCCL lacks, so this runs on CPU ranks only yet), receives that op's data from that
 base rank alone, computes, replies, and takes the next header. No op of a pool rank waits for
 anything but data its base rank has already posted, and no pool rank waits for another, so
 replicas sharing pool ranks cannot deadlock however their steps interleave; a decode step is one
@@ -211,6 +212,8 @@ class MailboxServer:
         self.slots_of: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (base, request) -> placement
 
     def serve(self):
+        if dist.get_backend(self.groups.coordination) != "gloo":
+            raise RuntimeError("a shared pool serves over gloo only yet (a receive from any source; NCCL has none)")
         return named_failure(f"shared pool rank {self.rank}", self.bases, self._serve)
 
     def _next_header(self) -> tuple[int, Header]:
