@@ -179,3 +179,25 @@ def test_serves_a_trace_from_a_shared_pool(tmp_path):
     counters = json.loads(re.search(r"shared pool counters: (\{.*\})", proc.stdout).group(1))
     assert all(c["kv_tokens_held"] == 0 for c in counters["pool_ranks"].values())
     assert sum(c["activations"] for c in counters["replicas"].values()) == sum(r["pooled"] for r in rows.values())
+
+
+def test_sigkill_of_a_shared_pool_rank_ends_every_rank(tmp_path):
+    """Pool rank 4 holds part of every replica's long requests (each spans both pool ranks): SIGKILLed mid-decode,
+    every rank exits non-zero within 60 s, naming it."""
+    from megatron_fapool.testing.launch import run_and_kill
+
+    data = json.load(open(os.path.join(ROOT, "configs", "tiny_dense_rope_pool.json")))
+    data["fapool"]["model_yaml"] = os.path.join(ROOT, "configs", "models", "tiny_dense_rope.yaml")
+    data["fapool"]["parallel"]["tensor_model_parallel_size"] = 1
+    data["fapool"]["attention_pool"].update(pool_size=2, sharing="shared")
+    cfg = tmp_path / "shared.json"
+    cfg.write_text(json.dumps(data))
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "5",
+           "--master_port", str(find_free_port()), INFER, "--deepspeed_config", str(cfg), "--random-weights",
+           "--prompt-lengths", "300", "300", "300", "300", "300", "300", "--max-new-tokens", "400",
+           "--log-interval", "1"]
+    rc, out, took = run_and_kill(cmd, "decode step 5:", 4)
+    assert rc != 0 and took < 60, out[-3000:]
+    named = ("lost rank 4 (pool)" in out or re.search(r"lost contact with rank\(s\) \[[0-9, ]*4\]", out)
+             or re.search(r"Root Cause.*?rank\s*:\s*4 \(local_rank: 4\)", out, re.S))
+    assert named, out[-3000:]
