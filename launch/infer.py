@@ -675,7 +675,7 @@ def _serve_shared_pool(cfg, groups, device) -> None:
     server = MailboxServer(groups, device=device, stats=PoolStats(), pool_cfg=cfg.fapool.attention_pool)
     s = server.serve()
     print(f"[rank {groups.rank}] shared pool rank: served {s.served_forward} calls, {s.query_rows} query rows,"
-          f" {s.bytes_received / 1e6:.1f} MB in, {s.bytes_sent / 1e6:.1f} MB out", flush=True)
+          f" {s.bytes_received / 1e6:.1f} MB in, {s.bytes_sent / 1e6:.1f} MB out, busy {s.busy_s:.2f} s", flush=True)
     if server.manager is not None:
         print(f"[rank {groups.rank}] shared pool counters: {json.dumps(server.manager.counters(), sort_keys=True)}",
               flush=True)

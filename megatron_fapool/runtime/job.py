@@ -56,7 +56,9 @@ def serve_pool(groups: ParallelGroups, device: torch.device, pool_cfg=None) -> N
             steps, blocks = steps + 1, agreed[1]
             for base, block in blocks.items():
                 if groups.rank in block:
+                    t0 = time.perf_counter()
                     server.serve_for(base, block)
+                    server.stats.busy_s += time.perf_counter() - t0
                     served[base] = served.get(base, 0) + 1
         stats, whom = server.stats, f"a shared pool ({steps} steps; steps per base rank served: {served})"
     else:
@@ -64,7 +66,8 @@ def serve_pool(groups: ParallelGroups, device: torch.device, pool_cfg=None) -> N
     print(
         f"[rank {dist.get_rank()}] pool rank for {whom}: served"
         f" {stats.served_forward} forward / {stats.served_backward} backward calls,"
-        f" {stats.query_rows} query rows, {stats.bytes_received / 1e6:.1f} MB in, {stats.bytes_sent / 1e6:.1f} MB out",
+        f" {stats.query_rows} query rows, {stats.bytes_received / 1e6:.1f} MB in, {stats.bytes_sent / 1e6:.1f} MB out"
+        + (f", busy {stats.busy_s:.2f} s" if groups.layout.pool_shared else ""),
         flush=True,
     )
 

@@ -176,6 +176,8 @@ def test_serves_a_trace_from_a_shared_pool(tmp_path):
     assert len(rows) == 9 and all(r["refused"] is None and r["new_tokens"] >= 1 for r in rows.values())
     assert {i for i, r in rows.items() if r["pooled"]} == {i for i, r in rows.items() if r["prompt_len"] > 128}
     assert "shared pool: 3 aligned blocks" in proc.stdout
+    busy = [float(b) for b in re.findall(r"shared pool rank: served [1-9]\d* calls.*busy ([0-9.]+) s", proc.stdout)]
+    assert busy and all(b > 0 for b in busy), proc.stdout[-2000:]  # the ranks that served say how long
     counters = json.loads(re.search(r"shared pool counters: (\{.*\})", proc.stdout).group(1))
     assert all(c["kv_tokens_held"] == 0 for c in counters["pool_ranks"].values())
     assert sum(c["activations"] for c in counters["replicas"].values()) == sum(r["pooled"] for r in rows.values())

@@ -79,6 +79,7 @@ def test_shared_pool_serves_the_long_replica_and_equals_pool_off(corpus, pool_of
                                           for r in range(2) if replica_long[r]), (it, demands, blocks)
     assert {(True, False), (False, True)} <= orders, orders  # one replica long and the other short, and the reverse
     assert "pool rank for a shared pool" in proc.stdout and "shared pool counters:" in proc.stdout
+    assert re.search(r"pool rank for a shared pool .*busy [0-9.]+ s", proc.stdout)
 
 
 def test_sigkill_of_a_shared_pool_rank_ends_every_rank(corpus, tmp_path):

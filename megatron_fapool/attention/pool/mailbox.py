@@ -233,7 +233,9 @@ class MailboxServer:
                        PREFILL: self._prefill, DECODE: self._decode}.get(h.op)
             if handler is None:
                 raise RuntimeError(f"shared pool rank {self.rank}: unknown op {h.op} from rank {base}")
+            t0 = time.perf_counter()
             handler(base, h, _pair(self.groups, base, self.rank))
+            self.stats.busy_s += time.perf_counter() - t0
         return self.stats
 
     def _recv(self, shape, dtype, src, group) -> torch.Tensor:

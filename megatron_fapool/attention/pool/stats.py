@@ -25,6 +25,7 @@ class PoolStats(TransferStats):
     served_forward: int = 0  # pool rank: forward calls it computed
     served_backward: int = 0
     query_rows: int = 0  # query rows this rank computed for pooled calls
+    busy_s: float = 0.0  # pool rank: seconds spent serving (from a call's header to its last reply)
 
     def as_dict(self) -> dict:
         return asdict(self)
