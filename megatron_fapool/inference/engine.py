@@ -58,7 +58,11 @@ class ServingEngine:
     this one's shape); decode steps with such rows exchange with the pool in every layer
     (:class:`~.slots.PooledDecodeStep`). Steps without pooled rows run as without a pool.
     ``pool_graphs``: capture the pooled steps too (their exchange inside the graph: NCCL only;
-    default off, eager).
+    default off, eager). ``pool`` may instead be a shared pool's
+    :class:`~megatron_fapool.attention.pool.mailbox.MailboxClient` (several replicas, one pool): a long
+    request is then placed on pool ranks when it is admitted (it waits while the pool has no room),
+    its K/V goes to slots the pool's ledger chose (``pool_slots`` per pool rank), and every exchange
+    is pairwise and eager.
     """
 
     def __init__(self, model, attention: SlotAttention, cache: SlotCache, *, device, sampling: Sampling,
