@@ -616,11 +616,7 @@ def _serve_slots(args, cfg, groups, device, batches, tok, resume):
         if threshold is None:
             replica = [r.id % dp for r in requests]
         else:  # the front scheduler places requests by load, long ones spread (the same on every rank)
-            order = sorted(range(len(requests)), key=lambda i: (arrivals[i], i))
-            placed = place_on_replicas([requests[i] for i in order], replicas=dp, threshold=threshold)
-            replica = [0] * len(requests)
-            for i, rep in zip(order, placed):
-                replica[i] = rep
+            replica = place_on_replicas(requests, arrivals, replicas=dp, threshold=threshold)
         mine = [TimedRequest(r, a) for r, a, rep in zip(requests, arrivals, replica) if rep == dp_rank]
         gens, wall = [], 0.0
         if mine:

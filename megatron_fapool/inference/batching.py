@@ -133,16 +133,17 @@ def serve(engine, timed: list[TimedRequest], *, stop_token: int | None = None, m
     return [results[t.request.id] for t in timed]
 
 
-def place_on_replicas(requests, *, replicas: int, threshold: int) -> list[int]:
-    """The front scheduler: the replica that serves each request of ``requests`` (in the given order, which
-    should be arrival order), the same on every rank. Long requests (prompt over ``threshold``) go to the
-    replica with the fewest long ones so far, then the fewest tokens (prompt + new) placed; short ones to
-    the fewest tokens placed; ties to the lowest replica."""
-    tokens, longs, out = [0] * replicas, [0] * replicas, []
-    for r in requests:
+def place_on_replicas(requests, arrivals, *, replicas: int, threshold: int) -> list[int]:
+    """The front scheduler: the replica that serves each of ``requests`` (arriving at ``arrivals``), in their
+    order, the same on every rank. In arrival order (ties: the given order), long requests (prompt over
+    ``threshold``) go to the replica with the fewest long ones so far, then the fewest tokens (prompt + new)
+    placed; short ones to the fewest tokens placed; ties to the lowest replica."""
+    tokens, longs, out = [0] * replicas, [0] * replicas, [0] * len(requests)
+    for i in sorted(range(len(requests)), key=lambda i: (arrivals[i], i)):
+        r = requests[i]
         long = len(r.prompt) > threshold
-        choice = min(range(replicas), key=lambda i: ((longs[i] if long else 0), tokens[i], i))
+        choice = min(range(replicas), key=lambda k: ((longs[k] if long else 0), tokens[k], k))
         tokens[choice] += len(r.prompt) + r.max_new_tokens
         longs[choice] += long
-        out.append(choice)
+        out[i] = choice
     return out

@@ -399,15 +399,13 @@ def _uniform(g, lo: int, hi: int) -> int:
 def place(requests, layout: Layout) -> list[int]:
     """The replica of each request: the real front scheduler (:func:`~.batching.place_on_replicas`, in arrival
     order: long ones spread, then fewest tokens placed) or, with ``placement="round-robin"``, in turn."""
+    if layout.placement != "round-robin":
+        return place_on_replicas([Request(i, range(n), new) for i, (_, n, new) in enumerate(requests)],
+                                 [a for a, _, _ in requests], replicas=layout.replicas, threshold=layout.threshold)
     order = sorted(range(len(requests)), key=lambda i: (requests[i][0], i))
-    if layout.placement == "round-robin":
-        placed = [k % layout.replicas for k in range(len(order))]
-    else:
-        placed = place_on_replicas([Request(i, range(requests[i][1]), requests[i][2]) for i in order],
-                                   replicas=layout.replicas, threshold=layout.threshold)
     out = [0] * len(requests)
-    for i, k in zip(order, placed):
-        out[i] = k
+    for k, i in enumerate(order):  # in turn, in arrival order
+        out[i] = k % layout.replicas
     return out
 
 

@@ -61,7 +61,7 @@ def _body(rank, world):
     g = torch.Generator().manual_seed(5)
     requests = [Request(rid, torch.randint(0, vocab, (n,), generator=g).tolist(), NEW) for rid, (n, _) in
                 REQUESTS.items()]
-    replica = place_on_replicas(requests, replicas=3, threshold=128)
+    replica = place_on_replicas(requests, [0.0] * len(requests), replicas=3, threshold=128)  # in the given order
     mine = [r for r, rep in zip(requests, replica) if rep == groups.rank]
     shape = dict(layers=c.num_layers, kv_heads=c.num_query_groups, head_dim=c.kv_channels, dtype=torch.float32,
                  device="cpu")

@@ -68,12 +68,14 @@ class MailboxClient:
         self.capacity, self.cache = 0, None
         self.placement: dict[int, list[tuple[int, int]]] = {}  # request -> [(pool rank, slot there)]
         self._step: dict[int, torch.Tensor] = {}  # pool rank -> its row table of the announced decode step
-        self._heads = self._scale = None
+        self._scale = None
 
     # -- transport -----------------------------------------------------------------------
-    def _exchange(self, what: str, sends: dict[int, tuple[Header, list]], replies: dict[int, torch.Tensor]):
+    def _exchange(self, what: str, sends: dict[int, tuple[Header, list]], replies: dict[int, torch.Tensor],
+                  meanwhile=None):
         """Post every header and data tensor to each pool rank at once, then receive each reply into
-        ``replies[p]``; blame the pool ranks involved if a link breaks."""
+        ``replies[p]`` (``meanwhile()`` runs between the two and its result is returned); blame the pool ranks
+        involved if a link breaks."""
         def run():
             works = []
             for p, (header, tensors) in sends.items():
@@ -86,17 +88,19 @@ class MailboxClient:
             for p, buf in replies.items():
                 works.append(dist.irecv(buf, src=p, group=_pair(self.groups, self.rank, p)))
                 self.stats.bytes_received += nbytes(buf)
+            result = meanwhile() if meanwhile is not None else None
             for w in works:
                 w.wait()
-        named_failure(f"{what} of base rank {self.rank}", sorted(sends), run)
+            return result
+        return named_failure(f"{what} of base rank {self.rank}", sorted(sends), run)
 
     # -- lifecycle -----------------------------------------------------------------------
     def init(self, cache: SlotKV, *, pool_slots: int) -> None:
         """Serve from ``cache`` (this base rank's slots); every pool rank allocates its shared slot cache of
         ``pool_slots`` slots of the same capacity (kept if another base rank asked for the same one)."""
-        self.cache, self.capacity, layers, capacity = cache, cache.capacity, cache.layers, cache.capacity
-        h = Header(op=INIT, n=capacity, batch=pool_slots, layer=layers, kv_heads=self.kv_heads,
-                         head_dim=self.head_dim, dtype=DTYPES.index(self.dtype))
+        self.cache, self.capacity = cache, cache.capacity
+        h = Header(op=INIT, n=cache.capacity, batch=pool_slots, layer=cache.layers, kv_heads=self.kv_heads,
+                   head_dim=self.head_dim, dtype=DTYPES.index(self.dtype))
         self._exchange("pool init", {p: (h, []) for p in self.pool}, {})
 
     def shutdown(self, device=None) -> None:
@@ -106,8 +110,7 @@ class MailboxClient:
         """Pool ranks and slots for a long request (``None``: wait, none free now); :class:`PoolFull` if never."""
         need = -(-tokens // self.capacity)  # ranks its tokens need, the base included
         reply = torch.zeros(1 + 2 * len(self.pool), dtype=torch.int64, device=self.device)
-        h = Header(op=ADMIT, call_id=request, n=tokens, batch=max(prompt_len, self.threshold + 1),
-                         members=need)
+        h = Header(op=ADMIT, call_id=request, n=tokens, batch=max(prompt_len, self.threshold + 1), members=need)
         self._exchange("pool admission", {self.coordinator: (h, [])}, {self.coordinator: reply})
         values = reply.tolist()
         if values[0] < 0:
@@ -142,11 +145,12 @@ class MailboxClient:
             e = plan.kv_prefix(j)
             sends[p] = (Header(layer=j, **h), [torch.cat((q[:, a0:a1], q[:, b0:b1]), dim=1), k[:, :e], v[:, :e]])
             replies[p] = q.new_empty((b, (a1 - a0) + (b1 - b0), hq, d))
-        self._exchange("pooled prefill", sends, replies)  # the pool's chunks are computed meanwhile...
-        out = torch.empty_like(q)
         spans = plan.spans_of(0)
-        outs, _ = chunks_forward([q[:, lo:hi] for lo, hi in spans], spans, k, v, causal=True,
-                                 softmax_scale=softmax_scale, backend="auto")  # ...and the base's
+        outs, _ = self._exchange(  # the base's own chunks while the pool ranks compute theirs
+            "pooled prefill", sends, replies, meanwhile=lambda: chunks_forward(
+                [q[:, lo:hi] for lo, hi in spans], spans, k, v, causal=True, softmax_scale=softmax_scale,
+                backend="auto"))
+        out = torch.empty_like(q)
         for (lo, hi), o in zip(spans, outs):
             out[:, lo:hi] = o
         for j, (p, _) in enumerate(placement, start=1):
@@ -169,7 +173,7 @@ class MailboxClient:
     def announce(self, table: torch.Tensor, *, heads: int, softmax_scale: float, ranks=None, slots=None) -> None:
         """A decode step of ``table``'s rows (``[B, 4]``, :mod:`.slot_kv`'s columns): each pool rank holding
         some row gets its own table (its slot and member index per row) for every layer of the step."""
-        self._heads, self._scale = heads, softmax_scale
+        self._scale = softmax_scale
         self._step = {}
         scratch = -1  # a row this pool rank holds nothing of: it reads its own scratch slot
         for p in sorted({p for placement in self.placement.values() for p, _ in placement}):
@@ -185,7 +189,7 @@ class MailboxClient:
         b, hq, d = q.shape
         qkv = torch.cat((q, k_new, v_new), dim=1)
         h = Header(op=DECODE, n=b, layer=layer, heads=hq, kv_heads=k_new.shape[1], head_dim=d, call_id=self.backend,
-                         **Header.encode(dtype=q.dtype, softmax_scale=self._scale, backend="auto"))
+                   **Header.encode(dtype=q.dtype, softmax_scale=self._scale, backend="auto"))
         parts = {p: torch.empty((b, hq, d + 1), dtype=torch.float32, device=q.device) for p in self._step}
         self._exchange("pooled decode", {p: (h, [t, qkv]) for p, t in self._step.items()}, parts)
         o, l = out[:, None], lse.float()[:, :, None]
@@ -207,6 +211,7 @@ class MailboxServer:
         self.is_coordinator = groups.rank == layout.num_base
         self.pool_cfg = pool_cfg
         self.kv: SlotKV | None = None
+        self._kv_shape = None  # what the last INIT asked for
         self.manager: SharedPoolManager | None = None  # the coordinator's ledger
         self.free: dict[int, list[int]] = {}  # coordinator: pool rank -> free slots (lowest last)
         self.slots_of: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (base, request) -> placement
@@ -250,19 +255,17 @@ class MailboxServer:
 
     def _init(self, base, h, group):
         shape = (h.layer, h.batch, h.n, h.kv_heads, h.head_dim, h.dtype)
-        if self.kv is None or getattr(self, "_shape", None) != shape:
-            self.kv = None
+        if self._kv_shape != shape:
+            self.kv = None  # the old cache goes first
             self.kv = SlotKV(layers=h.layer, slots=h.batch, capacity=h.n, kv_heads=h.kv_heads, head_dim=h.head_dim,
                              dtype=h.torch_dtype, device=self.device)
-            self._shape = shape
+            self._kv_shape = shape
         if self.is_coordinator and self.manager is None:
-            pool = len(self.groups.layout.coordination_group()) - len(self.bases)
-            cfg = self.pool_cfg
-            self.manager = SharedPoolManager(pool, threshold=0, max_per_demand=cfg.max_active,
+            layout = self.groups.layout
+            self.manager = SharedPoolManager(layout.pool_size, threshold=0, max_per_demand=self.pool_cfg.max_active,
                                              kv_capacity_tokens=h.batch * h.n)  # the base asks for long ones only
             self.capacity = h.n
-            first = self.bases[-1] + 1
-            self.free = {first + i: list(range(h.batch - 1, -1, -1)) for i in range(pool)}
+            self.free = {layout.num_base + i: list(range(h.batch - 1, -1, -1)) for i in range(layout.pool_size)}
 
     def _admit(self, base, h, group):
         """One slot on each of the request's pool ranks (charged as ``capacity`` K/V tokens there)."""
@@ -274,7 +277,7 @@ class MailboxServer:
             demand = PoolDemand(replica=base, key=h.call_id, tokens=h.batch, kv_tokens=self.capacity * size)
             ranks = self.manager.admit(demand)  # None: wait
             if ranks:
-                first = self.bases[-1] + 1
+                first = self.groups.layout.num_base  # the manager counts pool ranks from 0
                 placement = [(first + r, self.free[first + r].pop()) for r in ranks]
                 self.slots_of[(base, h.call_id)] = placement
                 reply[0] = len(placement)
