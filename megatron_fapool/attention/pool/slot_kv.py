@@ -165,10 +165,6 @@ class PooledSlots:
                                 kv_heads=kv.kv_heads, head_dim=kv.head_dim, dtype=DTYPES.index(self.dtype),
                                 members=self.members)
 
-    def max_tokens(self, members: int) -> int:
-        """The most tokens (prompt + new) a request spread over ``members`` ranks fits."""
-        return self.kv.capacity * members
-
     def store(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor, members: int) -> None:
         """One layer's prefill K/V ``[n, hk, d]`` (RoPE applied) of the request in ``slot``, over ``members`` ranks."""
         if not 2 <= members <= self.members:
