@@ -28,6 +28,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
+from ..attention.core_attention import FapoolCoreAttention, Pooled
 from ..config import ConfigError, RunConfig, to_transformer_config
 from ..moe.remote import bind_remote_experts
 from .rope import install_rope
@@ -111,6 +112,12 @@ def _check_buildable(run_config: RunConfig, pipeline_model_parallel_size: int | 
 def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
     """The model's Megatron ``MoELayer`` modules, in layer order."""
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def pooled_attention_layers(model: torch.nn.Module) -> int:
+    """How many of the model's core attentions go through the attention pool above its threshold: the pooled
+    calls of one micro-batch's forward (one announced pass, :meth:`~megatron_fapool.attention.pool.AttentionPool.forward_pass`)."""
+    return sum(isinstance(m, FapoolCoreAttention) and isinstance(m.attend, Pooled) for m in model.modules())
 
 
 def build_gpt_model(

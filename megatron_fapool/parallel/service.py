@@ -17,16 +17,18 @@ from __future__ import annotations
 import struct
 import weakref
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from ..config.schema import ATTENTION_BACKENDS
+from .transport import BufferPool, P2PTransport
 
 __all__ = [
     "DTYPES",
     "Header",
+    "PassBroken",
     "PeerLost",
     "SHUTDOWN",
     "ServiceClient",
@@ -109,6 +111,8 @@ class Header:
     backend: int = 0
     extra: int = 0
     layer: int = 0
+    calls: int = 0  # > 1: a pass of this many calls of the same op follows this one header
+    call_step: int = 1  # call ids in a pass: call_id, call_id + call_step, ...
 
     @property
     def softmax_scale(self) -> float:
@@ -148,6 +152,21 @@ class _CallToken:
     """Lives exactly as long as the autograd context of one call."""
 
 
+class PassBroken(RuntimeError):
+    """The calls a base rank made differ from the pass it announced (its pool ranks wait for the announced ones)."""
+
+
+@dataclass
+class _Pass:
+    """An announced run of calls of one op with the same fields: the pool serves them without headers."""
+
+    op: int
+    fields: dict
+    ids: list[int]  # call ids, in the order they are served
+    forward: bool
+    done: int = 0
+
+
 class ServiceClient:
     """The leader's end: headers to its serving ranks, and the ids of calls whose state they keep."""
 
@@ -158,12 +177,69 @@ class ServiceClient:
         self.stats = stats
         self._next_id = 1
         self._live: set[int] = set()
+        self.transport = P2PTransport(stats)
+        self.buffers = BufferPool()
+        self._planned = 0  # calls of the next forward pass (0 or 1: a header per call)
+        self._pass: _Pass | None = None  # the pass in progress
+        self._backward_due: list[int] = []  # call ids of the last forward pass that saved state
+        self.headers = 0  # headers sent (one per call outside passes, one per pass inside)
 
     def send_header(self, device, **fields) -> None:
         """Broadcast a header to every serving rank; it always carries ``drop_before``."""
+        if self._pass is not None:
+            raise PassBroken(f"rank {self.rank}: a header (op {fields.get('op')}) inside {self._describe(self._pass)}")
         t = Header(drop_before=self._drop_before(), **fields).to_tensor(device)
         dist.broadcast(t, src=self.rank, group=self.control_group)
         self.stats.bytes_sent += nbytes(t)
+        self.headers += 1
+
+    # -- passes: one header for a micro-batch's forward calls, one for their backward ------------
+    def plan_pass(self, calls: int) -> None:
+        """The next forward call opens a pass of ``calls`` calls (a micro-batch's pooled layers): one header
+        for all of them, and one for their backward calls (in reverse order) if they save state."""
+        if self._pass is not None:
+            raise PassBroken(f"rank {self.rank}: a new pass was planned while {self._describe(self._pass)} is open")
+        self._planned = calls
+
+    def end_forward_pass(self) -> None:
+        """The micro-batch's forward is done: an open forward pass must have had all its calls."""
+        self._planned = 0
+        if self._pass is not None and self._pass.forward:
+            raise PassBroken(f"rank {self.rank}: {self._describe(self._pass)} ended after {self._pass.done} calls;"
+                             " every pooled layer of a micro-batch must take the same path")
+
+    def announce_call(self, device, *, op: int, call_id: int, backward: bool = False, **fields) -> None:
+        """Tell the serving ranks about call ``call_id``: a header of its own, the header of a pass it opens,
+        or nothing if it is the next call of the pass in progress (checked against what was announced)."""
+        p = self._pass
+        if p is not None:
+            if p.op != op or p.fields != fields or p.ids[p.done] != call_id:
+                raise PassBroken(f"rank {self.rank}: call {call_id} (op {op}, {fields}) breaks"
+                                 f" {self._describe(p)} at call {p.done + 1}, which expects call {p.ids[p.done]}")
+            p.done += 1
+            if p.done == len(p.ids):
+                self._pass = None
+            return
+        if not backward and self._planned > 1:
+            ids = list(range(call_id, call_id + self._planned))
+            self._open(device, _Pass(op, fields, ids, forward=True), step=1)
+            self._backward_due = ids if fields.get("save") else []
+            self._planned = 0
+            return
+        if backward and self._backward_due and call_id == self._backward_due[-1]:
+            self._open(device, _Pass(op, fields, self._backward_due[::-1], forward=False), step=-1)
+            self._backward_due = []
+            return
+        self.send_header(device, op=op, call_id=call_id, **fields)
+
+    def _open(self, device, p: _Pass, *, step: int) -> None:
+        self.send_header(device, op=p.op, call_id=p.ids[0], calls=len(p.ids), call_step=step, **p.fields)
+        p.done = 1
+        self._pass = p
+
+    @staticmethod
+    def _describe(p: _Pass) -> str:
+        return f"the pass of {len(p.ids)} calls of op {p.op} (calls {p.ids[0]}..{p.ids[-1]})"
 
     def _drop_before(self) -> int:
         return min(self._live) if self._live else self._next_id
@@ -228,12 +304,16 @@ class ServiceMember:
         self.stats = stats
         self.handlers = dict(handlers)
         self.saved: dict[int, object] = {}
+        self.transport = P2PTransport(stats)
+        self.buffers = BufferPool()  # the handlers' persistent receive buffers
+        self.headers = 0  # headers received
 
     def recv_header(self) -> Header:
         """The next operation's header (blocks until the leader sends one)."""
         t = Header.empty(self.device)
         dist.broadcast(t, src=self.leader, group=self.control_group)
         self.stats.bytes_received += nbytes(t)
+        self.headers += 1
         return Header.from_tensor(t)
 
     def serve(self):
@@ -253,7 +333,11 @@ class ServiceMember:
             handler = self.handlers.get(h.op)
             if handler is None:
                 raise RuntimeError(f"serving rank {self.rank}: unknown op {h.op} from rank {self.leader}")
-            handler(self, h)
+            if h.calls <= 1:
+                handler(self, h)
+                continue
+            for i in range(h.calls):  # an announced pass: its calls follow without headers
+                handler(self, replace(h, call_id=h.call_id + i * h.call_step, calls=0))
 
     def take_saved(self, call_id: int, kind: type, what: str):
         """The saved state of ``call_id`` (removed), which must be a ``kind``; a clear error otherwise."""

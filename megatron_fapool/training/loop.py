@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,9 @@ import torch.distributed as dist
 
 from ..attention.pool import AttentionPool
 from ..data import open_training_data
-from ..models.gpt import build_gpt_model, expert_transformer_config, moe_layers, tensor_parallel_partial_params
+from ..models.gpt import (
+    build_gpt_model, expert_transformer_config, moe_layers, pooled_attention_layers, tensor_parallel_partial_params,
+)
 from ..moe.pingpong import forward_in_parts
 from ..moe.remote import ExpertClient, RemoteExperts
 from ..moe.serve import ExpertServer, ExpertStack
@@ -175,6 +178,10 @@ def train_base_rank(args, run_config, groups, device, *, resume: tuple[str, dict
     model, pool, client = _build_model(run_config, groups, args, device, send_experts=resume is None)
     _sum_partial_grads_over_tp(model)
     num_moe_layers = len(moe_layers(model))
+    # a micro-batch's pooled calls are announced once; not with MA's ping-pong, whose parts' backward calls come
+    # in the autograd engine's order
+    ping_pong = client is not None and run_config.fapool.ma_separation.micro_batches > 1
+    pool_calls = 0 if ping_pong else pooled_attention_layers(model)
     if client is not None:
         n_expert_params = sum(p.numel() for layer in moe_layers(model) for p in layer.experts.parameters())
         log(f"== MA separation: attention ranks hold {n_expert_params} expert parameters; experts"
@@ -216,7 +223,7 @@ def train_base_rank(args, run_config, groups, device, *, resume: tuple[str, dict
             log(timing.startup(seq_length))
         for iteration in range(start + 1, args.train_iters + 1):
             stats = _train_step(engine, data, pool, client, run_config, device, iteration, gas,
-                                moe=num_moe_layers > 0)
+                                moe=num_moe_layers > 0, pool_calls=pool_calls)
             _reduce_over_replicas(stats, dp_group, device)
             if timing is not None:
                 timing.record(stats.max_len, stats.elapsed_s)
@@ -294,7 +301,7 @@ def train_expert_rank(args, run_config, groups, device, *, resume: tuple[str, di
 
 
 def _train_step(engine, data, pool, client, run_config, device, iteration: int, gas: int, *,
-                moe: bool) -> IterationStats:
+                moe: bool, pool_calls: int = 0) -> IterationStats:
     stats = IterationStats(iteration=iteration)
     # MA separation's ping-pong: the micro-batch's parts take turns, attention of one overlapping experts of another
     parts = run_config.fapool.ma_separation.micro_batches if client is not None else 1
@@ -311,8 +318,9 @@ def _train_step(engine, data, pool, client, run_config, device, iteration: int, 
         position_ids = torch.arange(n, device=device).unsqueeze(0).expand(b, n)
         if pool is not None:
             pool.manager.new_step()
-        per_token = forward_in_parts(lambda t, p, y: engine(t, p, None, labels=y), tokens, position_ids, labels,
-                                     parts=parts, device=device)
+        with pool.forward_pass(pool_calls) if pool is not None else nullcontext():
+            per_token = forward_in_parts(lambda t, p, y: engine(t, p, None, labels=y), tokens, position_ids, labels,
+                                         parts=parts, device=device)
         loss = _masked_mean(per_token, batch.loss_mask)
         if moe:  # the router's aux / z losses weigh as the main loss, which DeepSpeed divides by gas
             set_aux_loss_scale(1.0 / gas, device)

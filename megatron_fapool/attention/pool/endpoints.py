@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ...parallel.service import ServiceClient, ServiceMember, merge_handlers
@@ -120,6 +121,15 @@ class AttentionPool:
         """The step's pooled calls are done (shared pool: its block is released)."""
         if self.shared:
             self.manager.end_step()
+
+    @contextmanager
+    def forward_pass(self, calls: int):
+        """A micro-batch's forward through ``calls`` pooled layers (in order, all over the same tokens): their
+        pooled calls share one header, and so do their backward calls (in reverse order). A pooled layer that
+        takes another path breaks the pass with a clear error (:class:`~...parallel.service.PassBroken`)."""
+        self.client.plan_pass(calls)
+        yield
+        self.client.end_forward_pass()
 
     def shutdown(self, device) -> None:
         if self.shared:

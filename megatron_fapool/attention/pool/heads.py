@@ -215,7 +215,7 @@ def _heads_forward(client, q, k, v, *, active, br: _Branches, head_offset, total
     group = client.group(active)
     call_id = client.open_call(save)
     params = _params_tensor(head_offset, total_heads, br.segment_lengths, br.dilation_rates, q.device)
-    client.send_header(
+    client.announce_call(
         q.device, op=HEADS_FORWARD, call_id=call_id, n=n, batch=b, heads=h, kv_heads=hk, head_dim=d,
         causal=int(br.causal), members=members, save=int(save), extra=params.numel(),
         **Header.encode(dtype=q.dtype, softmax_scale=br.softmax_scale, backend=br.backend),
@@ -264,7 +264,7 @@ def _heads_backward(client, dout, state: _BaseState):
     members = split.members
     b, n, d = state.shape
     group = client.group(members - 1)
-    client.send_header(dout.device, op=HEADS_BACKWARD, call_id=state.call_id, members=members)
+    client.announce_call(dout.device, op=HEADS_BACKWARD, call_id=state.call_id, members=members, backward=True)
     client.close_call(state.call_id)
     # 1. dO of each member's heads
     olen = max(split.out_payload(m, b, n, d) for m in range(members))

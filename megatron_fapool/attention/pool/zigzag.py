@@ -10,14 +10,20 @@ member then does the same amount of work. Chunk ``(lo, hi)`` attends (causal:
 bottom-right aligned) to the key prefix ``[0, hi)``, so its output rows are complete and
 nothing is merged across members.
 
-Transfers: each member's query chunks are scattered; the K/V prefix the pool members
-need is broadcast (in pieces of ``kv_chunk`` tokens); the base computes its own chunks
-meanwhile; outputs are gathered. Backward: dO scattered, dQ gathered, dK/dV partial sums
-reduced to the base (a tree inside the collective).
+Transfers (:mod:`.transport`, point-to-point): the wire layout is Megatron's own
+sequence-major ``[n, b, heads, d]``, in which a chunk is a contiguous row range, so a
+member's two query chunks and its K/V prefix ``[0, kv_prefix)`` are sent straight from the
+base's tensors and its outputs are received straight into the rows of the base's output
+(no packing or unpacking pass). The base computes its own chunks meanwhile. Backward: dO
+chunks sent, dQ chunks received into the base's dQ rows, each member's dK/dV partial over
+its prefix received into persistent buffers and added. A pool rank receives into
+persistent buffers (:class:`~.transport.BufferPool`) allocated once per shape.
 
-Tensors are ``[b, s, h, d]`` (the kernels' layout). Wire buffers are sequence-major
-(``[2L, b, h, d]`` per member, K/V ``[e, 2, b, hk, d]``) so that chunks and K/V pieces
-are contiguous rows; members compute on ``[b, s, h, d]`` views of them.
+A forward call is ``2 + (pieces - 1)`` posts on the base (inputs with the first K/V piece,
+further K/V pieces of ``kv_chunk_tokens``, outputs) and as many on a pool rank; a backward
+is 2 and 2. Inside an announced pass (:meth:`~...parallel.service.ServiceClient.plan_pass`:
+one header for a micro-batch's forward, one for its backward) a call sends no header and the
+pool reads nothing on the host.
 """
 
 from __future__ import annotations
@@ -25,9 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from ...parallel.service import Header, ServiceMember, named_failure, nbytes
+from ...parallel.service import Header, ServiceMember, named_failure
 from ..kernels import attention_backward, attention_forward
 
 __all__ = [
@@ -36,8 +41,6 @@ __all__ = [
     "HANDLERS",
     "PooledAttention",
     "ZigzagPlan",
-    "pack_member_chunks",
-    "unpack_member_chunks",
     "zigzag_plan",
 ]
 
@@ -71,22 +74,19 @@ class ZigzagPlan:
 
     @property
     def pool_kv_prefix(self) -> int:
-        """Longest prefix any pool member (member >= 1) needs: what is sent."""
+        """Longest prefix any pool member (member >= 1) needs."""
         return max(self.kv_prefix(m) for m in range(1, self.members))
 
-    @property
-    def padded_chunk(self) -> int:
-        """Longest chunk: per-member transfer buffers hold two chunks of this length."""
-        return max(self.bounds[c + 1] - self.bounds[c] for c in range(2 * self.members))
+    def kv_pieces(self, member: int, max_tokens: int) -> list[tuple[int, int]]:
+        """How member ``member``'s K/V prefix is sent: pieces of at most ``max_tokens`` rows.
 
-    def kv_pieces(self, max_tokens: int) -> list[tuple[int, int]]:
-        """How the K/V prefix ``[0, pool_kv_prefix)`` is sent: pieces of ``max_tokens``.
-
-        Fewer, larger pieces measured faster (docs/benchmarks.md, "FA Pool attention"), so the
-        default (config ``kv_chunk_tokens``) sends one piece.
+        Piece ``j`` is the same row range for every member (clipped to its prefix), so the base
+        posts piece ``j`` of all members at once. Fewer, larger pieces measured faster
+        (docs/benchmarks.md, "FA Pool attention"), so the default (config ``kv_chunk_tokens``)
+        sends one piece.
         """
-        e_max = self.pool_kv_prefix
-        return [(lo, min(lo + max_tokens, e_max)) for lo in range(0, e_max, max_tokens)]
+        e = self.kv_prefix(member)
+        return [(lo, min(lo + max_tokens, e)) for lo in range(0, e, max_tokens)]
 
     def work(self, member: int) -> int:
         """Query-key pairs member ``member`` computes (causal: ~ equal for all members)."""
@@ -107,38 +107,17 @@ def zigzag_plan(n: int, members: int, causal: bool) -> ZigzagPlan:
 
 
 # --------------------------------------------------------------------------------------
-# wire buffers (pure): [b, n, ...] <-> per member [2L, b, ...], sequence-major
+# wire layout (pure): kernels take [b, n, ...]; the wire is sequence-major [n, b, ...]
 # --------------------------------------------------------------------------------------
-def pack_member_chunks(x: torch.Tensor, plan: ZigzagPlan) -> torch.Tensor:
-    """``[b, n, ...]`` -> ``[P, 2L, b, ...]``: each member's two chunks, zero-padded to ``L`` rows."""
-    pad = plan.padded_chunk
-    buf = x.new_zeros((plan.members, 2 * pad, x.shape[0]) + tuple(x.shape[2:]))
-    for m in range(plan.members):
-        for slot, (lo, hi) in enumerate(plan.spans_of(m)):
-            buf[m, slot * pad : slot * pad + hi - lo] = x[:, lo:hi].transpose(0, 1)
-    return buf
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """``[b, n, ...]`` -> ``[n, b, ...]`` contiguous: a view of Megatron's own tensor (no copy) whenever
+    ``x`` is the ``[b, n, ...]`` view of a contiguous ``[n, b, ...]`` one, as the core attention passes."""
+    return x.transpose(0, 1).contiguous()
 
 
-def unpack_member_chunks(buf: torch.Tensor, plan: ZigzagPlan, out: torch.Tensor, members=None) -> torch.Tensor:
-    """Inverse of :func:`pack_member_chunks` into ``out`` ``[b, n, ...]`` (for ``members``)."""
-    for m in members if members is not None else range(plan.members):
-        for (lo, hi), view in zip(plan.spans_of(m), member_views(buf[m], plan, m)):
-            out[:, lo:hi] = view
-    return out
-
-
-def member_views(buf: torch.Tensor, plan: ZigzagPlan, member: int) -> list[torch.Tensor]:
-    """The two chunks of one member's ``[2L, b, ...]`` buffer as ``[b, rows, ...]`` views (unpadded)."""
-    pad = plan.padded_chunk
-    return [buf[slot * pad : slot * pad + hi - lo].transpose(0, 1)
-            for slot, (lo, hi) in enumerate(plan.spans_of(member))]
-
-
-def _kv_wire(k: torch.Tensor, v: torch.Tensor, e: int) -> torch.Tensor:
-    """``[b, >=e, hk, d]`` k, v -> ``[e, 2, b, hk, d]`` (one copy; pieces along dim 0 are contiguous)."""
-    kv = k.new_empty((e, 2, k.shape[0]) + tuple(k.shape[2:]))
-    kv[:, 0], kv[:, 1] = k[:, :e].transpose(0, 1), v[:, :e].transpose(0, 1)
-    return kv
+def member_messages(plan: ZigzagPlan, member: int, x_rows: torch.Tensor) -> list[torch.Tensor]:
+    """The row ranges of ``x_rows`` (``[n, b, ...]``) holding member ``member``'s two chunks."""
+    return [x_rows[lo:hi] for lo, hi in plan.spans_of(member)]
 
 
 # --------------------------------------------------------------------------------------
@@ -159,12 +138,10 @@ def chunks_forward(qs, spans, k, v, *, causal, softmax_scale, backend, selector=
     return outs, lses
 
 
-def chunks_backward(douts, qs, spans, k, v, outs, lses, *, causal, softmax_scale, backend, kv_len, selector=None):
-    """Gradients of the chunks: ``dq`` per chunk and ``dk``, ``dv`` ``[b, kv_len, hk, d]`` summed over chunks."""
-    # accumulate in the input dtype: one addition per chunk (two chunks per member), and
-    # half the memory traffic of an fp32 buffer in bf16
-    dk = k.new_zeros((k.shape[0], kv_len) + tuple(k.shape[2:]))
-    dv = torch.zeros_like(dk)
+def chunks_backward(douts, qs, spans, k, v, outs, lses, dk, dv, *, causal, softmax_scale, backend, selector=None):
+    """Gradients of the chunks: ``dq`` per chunk; ``dk``, ``dv`` (``[b, kv_len, hk, d]``, zero) get the
+    sum over chunks, accumulated in the input dtype (one addition per chunk, two chunks per member)."""
+    kv_len = dk.shape[1]
     dqs = []
     for dout, q, (lo, hi), out, lse in zip(douts, qs, spans, outs, lses):
         kk, vv = (k[:, :hi], v[:, :hi]) if causal else (k[:, :kv_len], v[:, :kv_len])
@@ -173,23 +150,56 @@ def chunks_backward(douts, qs, spans, k, v, outs, lses, *, causal, softmax_scale
         dqs.append(dq)
         dk[:, : kk.shape[1]] += dkc
         dv[:, : vv.shape[1]] += dvc
-    return dqs, dk, dv
+    return dqs
 
 
 # --------------------------------------------------------------------------------------
 # base side
 # --------------------------------------------------------------------------------------
-def _gather_chunks(client, buf, plan: ZigzagPlan, group, own_spans, own_chunks, like):
-    """Gather every member's ``[2L, b, ...]`` result into ``like``-shaped ``[b, n, ...]`` rows in order."""
-    gathered = torch.empty_like(buf)
-    mine = torch.empty_like(buf[0])
-    dist.gather(mine, list(gathered.unbind(0)), dst=client.rank, group=group)
-    client.stats.bytes_received += nbytes(gathered) - nbytes(mine)
-    out = torch.empty_like(like)
-    unpack_member_chunks(gathered, plan, out, members=range(1, plan.members))
-    for (lo, hi), chunk in zip(own_spans, own_chunks):
-        out[:, lo:hi] = chunk
-    return out
+def post_inputs(client, plan: ZigzagPlan, peers, qr, kr, vr, group_of, kv_chunk: int):
+    """Post each member's query chunks and K/V prefix pieces (``qr``, ``kr``, ``vr``: ``[n, b, ...]``)
+    to ``peers`` (member ``1..``): the queries with the first piece, then one post per further piece."""
+    posted = []
+    pieces = {m: plan.kv_pieces(m, kv_chunk) for m in range(1, len(peers) + 1)}
+    for j in range(max(len(p) for p in pieces.values())):
+        by_group = {}
+        for m, peer in enumerate(peers, start=1):
+            if j < len(pieces[m]):
+                lo, hi = pieces[m][j]
+                msgs = (member_messages(plan, m, qr) if j == 0 else []) + [kr[lo:hi], vr[lo:hi]]
+                by_group.setdefault(group_of(peer), []).extend((peer, t) for t in msgs)
+        posted += [client.transport.post(sends, [], g) for g, sends in by_group.items()]
+    return posted
+
+
+def post_output_rows(client, plan: ZigzagPlan, peers, out_rows, group_of):
+    """Receive each member's two output chunks straight into their rows of ``out_rows`` (``[n, b, h, d]``)."""
+    by_group = {}
+    for m, peer in enumerate(peers, start=1):
+        by_group.setdefault(group_of(peer), []).extend((peer, t) for t in member_messages(plan, m, out_rows))
+    return [client.transport.post([], recvs, g) for g, recvs in by_group.items()]
+
+
+def wait_all(posted) -> None:
+    for p in posted:
+        p.wait()
+
+
+def base_forward(client, plan: ZigzagPlan, peers, q, k, v, *, group_of, causal, softmax_scale, backend, kv_chunk):
+    """The base's side of one pooled forward after its header: inputs posted, own chunks computed meanwhile,
+    members' outputs received into their rows. Returns ``(out [b, n, h, d], own lses)``."""
+    qr, kr, vr = rows(q), rows(k), rows(v)
+    out_rows = torch.empty_like(qr)
+    posted = post_inputs(client, plan, peers, qr, kr, vr, group_of, kv_chunk)
+    posted += post_output_rows(client, plan, peers, out_rows, group_of)
+    spans = plan.spans_of(0)
+    outs, lses = chunks_forward([q[:, lo:hi] for lo, hi in spans], spans, k, v, causal=causal,
+                                softmax_scale=softmax_scale, backend=backend, selector=client.selector)
+    for (lo, hi), o in zip(spans, outs):
+        out_rows[lo:hi] = o.transpose(0, 1)
+    client.stats.query_rows += sum(hi - lo for lo, hi in spans)
+    wait_all(posted)
+    return out_rows.transpose(0, 1), lses
 
 
 def zigzag_forward(client, q, k, v, *, active: int, causal: bool, softmax_scale: float, save: bool):
@@ -206,31 +216,14 @@ def _forward(client, q, k, v, *, active, causal, softmax_scale, save):
     plan = zigzag_plan(n, members, causal)
     group = client.group(active)
     call_id = client.open_call(save)
-    client.send_header(
+    client.announce_call(
         q.device, op=FORWARD, call_id=call_id, n=n, batch=b, heads=h, kv_heads=k.shape[2], head_dim=d,
         causal=int(causal), members=members, kv_chunk=client.kv_chunk, save=int(save),
         **Header.encode(dtype=q.dtype, softmax_scale=softmax_scale, backend=client.backend),
     )
-    # 1. queries: scatter each member's two chunks
-    qbuf = pack_member_chunks(q, plan)
-    my_q = torch.empty_like(qbuf[0])
-    works = [dist.scatter(my_q, list(qbuf.unbind(0)), src=client.rank, group=group, async_op=True)]
-    client.stats.bytes_sent += nbytes(qbuf) - nbytes(qbuf[0])
-    # 2. K/V prefix for the pool members, in pieces (pool members compute on arrival)
-    kv = _kv_wire(k, v, plan.pool_kv_prefix)
-    for lo, hi in plan.kv_pieces(client.kv_chunk):
-        piece = kv[lo:hi]
-        works.append(dist.broadcast(piece, src=client.rank, group=group, async_op=True))
-        client.stats.bytes_sent += nbytes(piece) * active
-    # 3. own chunks, overlapped with the transfers
-    spans = plan.spans_of(0)
-    outs, lses = chunks_forward([q[:, lo:hi] for lo, hi in spans], spans, k, v, causal=causal,
-                                softmax_scale=softmax_scale, backend=client.backend, selector=client.selector)
-    client.stats.query_rows += sum(hi - lo for lo, hi in spans)
-    for w in works:
-        w.wait()
-    # 4. gather outputs
-    out = _gather_chunks(client, qbuf, plan, group, spans, outs, like=q)
+    out, lses = base_forward(client, plan, client.pool_ranks[:active], q, k, v, group_of=lambda _: group,
+                             causal=causal, softmax_scale=softmax_scale, backend=client.backend,
+                             kv_chunk=client.kv_chunk)
     client.stats.pooled_forward += 1
     return out, lses, plan, call_id
 
@@ -243,109 +236,135 @@ def zigzag_backward(client, dout, q, k, v, out, lses, *, plan: ZigzagPlan, call_
     )
 
 
+def _partials(plan: ZigzagPlan, like: torch.Tensor):
+    """Receive buffers of every member's dK and dV partials ``[kv_prefix, b, hk, d]`` (``like``: ``[n, b, hk, d]``)."""
+    return [(like.new_empty((plan.kv_prefix(m),) + like.shape[1:]), like.new_empty((plan.kv_prefix(m),) + like.shape[1:]))
+            for m in range(1, plan.members)]
+
+
 def _backward(client, dout, q, k, v, out, lses, *, plan, call_id, softmax_scale):
-    n = q.shape[1]
     members = plan.members
+    peers = client.pool_ranks[: members - 1]
     group = client.group(members - 1)
     # this call's state stays live on the pool until its backward header has been read
-    client.send_header(q.device, op=BACKWARD, call_id=call_id, members=members)
+    client.announce_call(q.device, op=BACKWARD, call_id=call_id, members=members, backward=True)
     client.close_call(call_id)
-    dbuf = pack_member_chunks(dout, plan)
-    my_d = torch.empty_like(dbuf[0])
-    work = dist.scatter(my_d, list(dbuf.unbind(0)), src=client.rank, group=group, async_op=True)
-    client.stats.bytes_sent += nbytes(dbuf) - nbytes(dbuf[0])
+    dor = rows(dout)
+    dq_rows = torch.empty_like(dor)
+    dk_rows = k.new_zeros((k.shape[1], k.shape[0]) + tuple(k.shape[2:]))
+    dv_rows = torch.zeros_like(dk_rows)
+    key = ("zigzag-dkv", plan, tuple(dk_rows.shape), dk_rows.dtype)
+    partials = client.buffers.take(key, lambda: _partials(plan, dk_rows))
+    sends = [(p, t) for m, p in enumerate(peers, start=1) for t in member_messages(plan, m, dor)]
+    recvs = [(p, t) for m, p in enumerate(peers, start=1)
+             for t in member_messages(plan, m, dq_rows) + list(partials[m - 1])]
+    posted = [client.transport.post(sends, [], group), client.transport.post([], recvs, group)]
 
     spans = plan.spans_of(0)
-    rows = [slice(lo, hi) for lo, hi in spans]
-    dqs, dk, dv = chunks_backward(
-        [dout[:, r] for r in rows], [q[:, r] for r in rows], spans, k, v, [out[:, r] for r in rows], lses,
-        causal=plan.causal, softmax_scale=softmax_scale, backend=client.backend, kv_len=n, selector=client.selector,
+    sl = [slice(lo, hi) for lo, hi in spans]
+    dqs = chunks_backward(
+        [dout[:, r] for r in sl], [q[:, r] for r in sl], spans, k, v, [out[:, r] for r in sl], lses,
+        dk_rows.transpose(0, 1), dv_rows.transpose(0, 1), causal=plan.causal, softmax_scale=softmax_scale,
+        backend=client.backend, selector=client.selector,
     )
-    work.wait()
-    e_max = plan.pool_kv_prefix
-    # partial sums travel in the input dtype (bf16 on GPU: half the bytes of fp32)
-    dkv = _kv_wire(dk.to(k.dtype), dv.to(k.dtype), e_max)
-    dist.reduce(dkv, dst=client.rank, op=dist.ReduceOp.SUM, group=group)
-    client.stats.bytes_received += nbytes(dkv) * (members - 1)
-    dk[:, :e_max], dv[:, :e_max] = dkv[:, 0].transpose(0, 1), dkv[:, 1].transpose(0, 1)
-    dq = _gather_chunks(client, dbuf, plan, group, spans, dqs, like=q)
+    for (lo, hi), g in zip(spans, dqs):
+        dq_rows[lo:hi] = g.transpose(0, 1)
+    wait_all(posted)
+    for pk, pv in partials:  # member order: the same sum on every run
+        dk_rows[: pk.shape[0]] += pk
+        dv_rows[: pv.shape[0]] += pv
+    client.buffers.give(key, partials)
     client.stats.pooled_backward += 1
-    return dq, dk, dv  # chunks_backward accumulates in the input dtype
+    return dq_rows.transpose(0, 1), dk_rows.transpose(0, 1), dv_rows.transpose(0, 1)
 
 
 # --------------------------------------------------------------------------------------
 # member side
 # --------------------------------------------------------------------------------------
 @dataclass
+class _Buffers:
+    """A member's persistent buffers for one call's shapes: its query chunks, K/V prefix ``[e, b, ...]``
+    and, with a backward, its dO chunks and dK/dV partials."""
+
+    q: list[torch.Tensor]
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: list[torch.Tensor] | None
+    dk: torch.Tensor | None
+    dv: torch.Tensor | None
+
+    @classmethod
+    def allocate(cls, plan: ZigzagPlan, member: int, h: Header, device) -> "_Buffers":
+        dt, b = h.torch_dtype, h.batch
+        q = [torch.empty((hi - lo, b, h.heads, h.head_dim), dtype=dt, device=device) for lo, hi in plan.spans_of(member)]
+        kv = (plan.kv_prefix(member), b, h.kv_heads, h.head_dim)
+        k, v = torch.empty(kv, dtype=dt, device=device), torch.empty(kv, dtype=dt, device=device)
+        if not h.save:
+            return cls(q, k, v, None, None, None)
+        return cls(q, k, v, [torch.empty_like(t) for t in q], torch.empty_like(k), torch.empty_like(v))
+
+
+@dataclass
 class _Saved:
     plan: ZigzagPlan
-    qbuf: torch.Tensor
-    kv: torch.Tensor
-    obuf: torch.Tensor
+    key: tuple
+    buffers: _Buffers
+    outs: list
     lses: list
     header: Header
 
 
+def _buffer_key(plan: ZigzagPlan, member: int, h: Header) -> tuple:
+    return ("zigzag", plan, member, h.batch, h.heads, h.kv_heads, h.head_dim, h.dtype, h.save)
+
+
 def serve_forward(member: ServiceMember, h: Header) -> None:
     plan = zigzag_plan(h.n, h.members, bool(h.causal))
+    me, leader = member.member, member.leader
     group = member.group_of(h.members)
-    dt = h.torch_dtype
-    qbuf = torch.empty((2 * plan.padded_chunk, h.batch, h.heads, h.head_dim), dtype=dt, device=member.device)
-    dist.scatter(qbuf, None, src=member.leader, group=group)
-    member.stats.bytes_received += nbytes(qbuf)
-    e_max = plan.pool_kv_prefix
-    kv = torch.empty((e_max, 2, h.batch, h.kv_heads, h.head_dim), dtype=dt, device=member.device)
-    works = []
-    for lo, hi in plan.kv_pieces(h.kv_chunk):
-        piece = kv[lo:hi]
-        works.append((lo, dist.broadcast(piece, src=member.leader, group=group, async_op=True)))
-        member.stats.bytes_received += nbytes(piece)
-    k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # [b, e, hk, d] views
-    spans = plan.spans_of(member.member)
+    key = _buffer_key(plan, me, h)
+    bufs = member.buffers.take(key, lambda: _Buffers.allocate(plan, me, h, member.device))
+    posted = []
+    for j, (lo, hi) in enumerate(plan.kv_pieces(me, h.kv_chunk)):
+        recvs = (bufs.q if j == 0 else []) + [bufs.k[lo:hi], bufs.v[lo:hi]]
+        posted.append((lo, member.transport.post([], [(leader, t) for t in recvs], group)))
+    k, v = bufs.k.transpose(0, 1), bufs.v.transpose(0, 1)  # [b, e, hk, d] views
+    spans = plan.spans_of(me)
     outs, lses = [], []
-    for q, span in zip(member_views(qbuf, plan, member.member), spans):
-        need = span[1] if plan.causal else e_max
-        while works and works[0][0] < need:  # K/V pieces this chunk sees have arrived
-            works.pop(0)[1].wait()
-        o, l = chunks_forward([q], [span], k, v, causal=plan.causal, softmax_scale=h.softmax_scale,
+    for q, span in zip(bufs.q, spans):
+        need = span[1] if plan.causal else plan.n
+        while posted and posted[0][0] < need:  # the queries and the K/V pieces this chunk sees have arrived
+            posted.pop(0)[1].wait()
+        o, l = chunks_forward([q.transpose(0, 1)], [span], k, v, causal=plan.causal, softmax_scale=h.softmax_scale,
                               backend=h.backend_name, selector=member.selector)
         outs += o
         lses += l
-    for _, w in works:
-        w.wait()
-    obuf = torch.zeros_like(qbuf)
-    for o, view in zip(outs, member_views(obuf, plan, member.member)):
-        view.copy_(o)
-    dist.gather(obuf, None, dst=member.leader, group=group)
-    member.stats.bytes_sent += nbytes(obuf)
+    wait_all(p for _, p in posted)
+    member.transport.post([(leader, rows(o)) for o in outs], [], group).wait()
     member.stats.served_forward += 1
     member.stats.query_rows += sum(hi - lo for lo, hi in spans)
     if h.save:
-        member.saved[h.call_id] = _Saved(plan, qbuf, kv, obuf, lses, h)
+        member.saved[h.call_id] = _Saved(plan, key, bufs, outs, lses, h)
+    else:
+        member.buffers.give(key, bufs)
 
 
 def serve_backward(member: ServiceMember, h: Header) -> None:
     s = member.take_saved(h.call_id, _Saved, "backward")
-    plan, fh, me = s.plan, s.header, member.member
+    plan, fh, me, bufs = s.plan, s.header, member.member, s.buffers
     group = member.group_of(h.members)
-    dbuf = torch.empty_like(s.qbuf)
-    dist.scatter(dbuf, None, src=member.leader, group=group)
-    member.stats.bytes_received += nbytes(dbuf)
-    e_max = plan.pool_kv_prefix
-    dqs, dk, dv = chunks_backward(
-        member_views(dbuf, plan, me), member_views(s.qbuf, plan, me), plan.spans_of(me),
-        s.kv[:, 0].transpose(0, 1), s.kv[:, 1].transpose(0, 1), member_views(s.obuf, plan, me), s.lses,
-        causal=plan.causal, softmax_scale=fh.softmax_scale, backend=fh.backend_name, kv_len=e_max,
+    member.transport.post([], [(member.leader, t) for t in bufs.dout], group).wait()
+    bufs.dk.zero_()
+    bufs.dv.zero_()
+    dqs = chunks_backward(
+        [t.transpose(0, 1) for t in bufs.dout], [t.transpose(0, 1) for t in bufs.q], plan.spans_of(me),
+        bufs.k.transpose(0, 1), bufs.v.transpose(0, 1), s.outs, s.lses, bufs.dk.transpose(0, 1),
+        bufs.dv.transpose(0, 1), causal=plan.causal, softmax_scale=fh.softmax_scale, backend=fh.backend_name,
         selector=member.selector,
     )
-    dkv = _kv_wire(dk.to(fh.torch_dtype), dv.to(fh.torch_dtype), e_max)  # the base reduces in the input dtype
-    dist.reduce(dkv, dst=member.leader, op=dist.ReduceOp.SUM, group=group)
-    member.stats.bytes_sent += nbytes(dkv)
-    gbuf = torch.zeros_like(s.qbuf)
-    for g, view in zip(dqs, member_views(gbuf, plan, me)):
-        view.copy_(g)
-    dist.gather(gbuf, None, dst=member.leader, group=group)
-    member.stats.bytes_sent += nbytes(gbuf)
+    sends = [rows(g) for g in dqs] + [bufs.dk, bufs.dv]
+    member.transport.post([(member.leader, t) for t in sends], [], group).wait()
+    member.buffers.give(s.key, bufs)
     member.stats.served_backward += 1
 
 

@@ -1,4 +1,4 @@
-"""Dense pooled attention (zigzag): plans, wire buffers, and the pooled call across processes (gloo) against a float64 dense reference.
+"""Dense pooled attention (zigzag): plans, the wire layout, and the pooled call across processes (gloo) against a float64 dense reference.
 
 The pool ranks must really compute: their work counters and bytes are checked, and
 the base rank's own share alone would give wrong rows.
@@ -10,19 +10,19 @@ import torch.distributed as dist
 
 from megatron_fapool.attention.kernels.reference import reference_attention
 from megatron_fapool.attention.pool import PooledAttention, PoolClient, PoolServer, PoolStats
-from megatron_fapool.attention.pool.zigzag import pack_member_chunks, unpack_member_chunks, zigzag_plan
+from megatron_fapool.attention.pool.zigzag import member_messages, rows, zigzag_plan
 from megatron_fapool.parallel import compute_layout, initialize_parallel_groups
 from megatron_fapool.testing.compare import rel_err
 from megatron_fapool.testing.distributed import run_distributed
 
 
 def _inputs(n, b, h, hk, d, seed):
-    """[b, n, h, d] q, dout and [b, n, hk, d] k, v."""
+    """[b, n, h, d] q, dout and [b, n, hk, d] k, v: views of [n, b, ...] tensors, as Megatron's core attention passes."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, n, h, d, generator=g)
-    k = torch.randn(b, n, hk, d, generator=g)
-    v = torch.randn(b, n, hk, d, generator=g)
-    dout = torch.randn(b, n, h, d, generator=g)
+    q = torch.randn(n, b, h, d, generator=g).transpose(0, 1)
+    k = torch.randn(n, b, hk, d, generator=g).transpose(0, 1)
+    v = torch.randn(n, b, hk, d, generator=g).transpose(0, 1)
+    dout = torch.randn(n, b, h, d, generator=g).transpose(0, 1)
     return q, k, v, dout
 
 
@@ -41,12 +41,16 @@ def test_zigzag_covers_sequence_once_and_balances_causal_work(n, members):
     assert plan.kv_prefix(0) == n and plan.pool_kv_prefix < n
 
 
-def test_pack_unpack_roundtrip_uneven():
+def test_wire_rows_are_megatrons_tensor_and_chunks_are_contiguous_row_ranges():
     plan = zigzag_plan(749, 3, causal=True)
-    x = torch.randn(2, 749, 3)  # [b, n, ...]
-    buf = pack_member_chunks(x, plan)
-    assert buf.shape == (3, 2 * plan.padded_chunk, 2, 3)  # per member, sequence-major
-    assert torch.equal(unpack_member_chunks(buf, plan, torch.empty_like(x)), x)
+    megatron = torch.randn(749, 2, 3, 4)  # [n, b, h, d]
+    x = megatron.transpose(0, 1)  # what the core attention passes
+    wire = rows(x)
+    assert wire.data_ptr() == megatron.data_ptr()  # no copy
+    pieces = [t for m in range(3) for t in member_messages(plan, m, wire)]
+    assert all(t.is_contiguous() for t in pieces)
+    assert sorted(r for t in pieces for r in range(t.data_ptr(), t.data_ptr() + t.numel() * 4, 2 * 3 * 4 * 4)) == \
+        list(range(megatron.data_ptr(), megatron.data_ptr() + megatron.numel() * 4, 2 * 3 * 4 * 4))
 
 
 def test_too_short_or_single_member_rejected():
@@ -56,11 +60,14 @@ def test_too_short_or_single_member_rejected():
         zigzag_plan(100, 1, causal=True)
 
 
-def test_kv_pieces_cover_the_pool_prefix():
+def test_kv_pieces_cover_each_members_prefix():
     plan = zigzag_plan(16384, 2, causal=True)
-    assert plan.kv_pieces(1 << 20) == [(0, 12288)]  # one member: keys up to its later chunk's end
-    assert plan.kv_pieces(5000) == [(0, 5000), (5000, 10000), (10000, 12288)]
-    assert zigzag_plan(1000, 3, causal=False).kv_pieces(1 << 20) == [(0, 1000)]
+    assert plan.kv_pieces(1, 1 << 20) == [(0, 12288)]  # one member: keys up to its later chunk's end
+    assert plan.kv_pieces(1, 5000) == [(0, 5000), (5000, 10000), (10000, 12288)]
+    three = zigzag_plan(600, 3, causal=True)
+    assert [three.kv_prefix(m) for m in (1, 2)] == [500, 400]  # a member gets only the prefix it sees
+    assert three.kv_pieces(2, 300) == [(0, 300), (300, 400)]
+    assert zigzag_plan(1000, 3, causal=False).kv_pieces(2, 1 << 20) == [(0, 1000)]
 
 
 def _body(rank, world, pool_size, cases, tp=1, pp=1):
