@@ -111,6 +111,7 @@ class Header:
     backend: int = 0
     extra: int = 0
     layer: int = 0
+    member: int = 0  # the receiving rank's member index, where a header goes to one rank (the shared serving pool)
     calls: int = 0  # > 1: a pass of this many calls of the same op follows this one header
     call_step: int = 1  # call ids in a pass: call_id, call_id + call_step, ...
 

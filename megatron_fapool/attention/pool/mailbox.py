@@ -17,8 +17,11 @@ Ops (:data:`INIT` ... ): allocate the pool rank's :class:`~.slot_kv.SlotKV` (``p
 of the engines' capacity, shared by every base rank); admit / release a long request on the
 *coordinator* (the first pool rank: a :class:`~.shared.SharedPoolManager` in serving mode holds
 every pool rank's K/V accounting, one slot per request per rank); store a member's range of a
-layer's prefill K/V; one member's zigzag chunks of a pooled prefill's attention; one layer of a
-decode step over the rows this pool rank holds. A request's placement is ``[(pool rank, slot)]``;
+layer's prefill K/V; one member's zigzag chunks of a pooled prefill layer's attention, with the K/V rows the
+member stores sent along (once: the prefix its chunks see, extended to the end of its store range); one layer
+of a decode step over the rows this pool rank holds. Data moves through :mod:`~...parallel.transport` over
+the pair groups; a prefill's chunks go straight between the base's rows and the pool rank's buffers (the
+zigzag module's two sides). A request's placement is ``[(pool rank, slot)]``;
 member ``j >= 1`` of it is its ``j``-th pool rank (the base is member 0), so the slot layout's
 closed-form placement (:func:`~.slot_kv.decode_rows`) applies with a per-row member index.
 """
@@ -31,15 +34,16 @@ import torch
 import torch.distributed as dist
 
 from ...parallel.service import DTYPES, SHUTDOWN, Header, named_failure, nbytes
-from ..kernels import merge_partials
+from ...parallel.transport import BufferPool, P2PTransport
+from ..kernels import BackendSelector, merge_partials
 from .decode import prefill_shards
 from .shared import PoolDemand, SharedPoolManager
 from .slot_kv import SLOT_BACKENDS, SlotKV, _pack, attend_rows, decode_rows
-from .zigzag import chunks_forward, zigzag_plan
+from .zigzag import base_forward, member_forward, zigzag_plan
 
 __all__ = ["MailboxClient", "MailboxServer", "PoolFull"]
 
-INIT, ADMIT, RELEASE, STORE, PREFILL, DECODE = 21, 22, 23, 24, 25, 26
+INIT, ADMIT, RELEASE, PREFILL, DECODE = 21, 22, 23, 25, 26
 HEADER_TAG = 17
 #: Row table columns of a decode op: position, prompt length, members, slot on this rank, member index.
 TABLE_COLUMNS = 5
@@ -51,6 +55,12 @@ class PoolFull(RuntimeError):
 
 def _pair(groups, base: int, pool_rank: int):
     return groups.group_of_members((base, pool_rank))
+
+
+def store_rows(plan, bounds, member: int) -> int:
+    """K/V rows a prefill sends member ``member``: the prefix its chunks see, extended to the end of the range
+    it stores (``bounds[member]``), so the K/V it keeps travels with the attention's, once."""
+    return max(plan.kv_prefix(member), bounds[member][1])
 
 
 class MailboxClient:
@@ -69,30 +79,29 @@ class MailboxClient:
         self.placement: dict[int, list[tuple[int, int]]] = {}  # request -> [(pool rank, slot there)]
         self._step: dict[int, torch.Tensor] = {}  # pool rank -> its row table of the announced decode step
         self._scale = None
+        self.transport = P2PTransport(stats)
+        self.selector = BackendSelector()  # "auto" and its run-time fallbacks, for this rank's own chunks
 
     # -- transport -----------------------------------------------------------------------
-    def _exchange(self, what: str, sends: dict[int, tuple[Header, list]], replies: dict[int, torch.Tensor],
-                  meanwhile=None):
+    def _pair(self, pool_rank: int):
+        return _pair(self.groups, self.rank, pool_rank)
+
+    def _post_headers(self, headers: dict[int, Header]) -> list:
+        """Each pool rank's header into its mailbox (non-blocking)."""
+        return [dist.isend(h.to_tensor(self.device), dst=p, group=self.groups.coordination, tag=HEADER_TAG)
+                for p, h in headers.items()]
+
+    def _exchange(self, what: str, sends: dict[int, tuple[Header, list]], replies: dict[int, torch.Tensor]):
         """Post every header and data tensor to each pool rank at once, then receive each reply into
-        ``replies[p]`` (``meanwhile()`` runs between the two and its result is returned); blame the pool ranks
-        involved if a link breaks."""
+        ``replies[p]``; blame the pool ranks involved if a link breaks."""
         def run():
-            works = []
-            for p, (header, tensors) in sends.items():
-                t = header.to_tensor(self.device)
-                works.append(dist.isend(t, dst=p, group=self.groups.coordination, tag=HEADER_TAG))
-                group = _pair(self.groups, self.rank, p)
-                for x in tensors:
-                    works.append(dist.isend(x.contiguous(), dst=p, group=group))
-                    self.stats.bytes_sent += nbytes(x)
-            for p, buf in replies.items():
-                works.append(dist.irecv(buf, src=p, group=_pair(self.groups, self.rank, p)))
-                self.stats.bytes_received += nbytes(buf)
-            result = meanwhile() if meanwhile is not None else None
-            for w in works:
+            works = self._post_headers({p: header for p, (header, _) in sends.items()})
+            posted = [self.transport.post([(p, x.contiguous()) for x in tensors], [], self._pair(p))
+                      for p, (_, tensors) in sends.items()]
+            posted += [self.transport.post([], [(p, buf)], self._pair(p)) for p, buf in replies.items()]
+            for w in works + posted:
                 w.wait()
-            return result
-        return named_failure(f"{what} of base rank {self.rank}", sorted(sends), run)
+        named_failure(f"{what} of base rank {self.rank}", sorted(sends), run)
 
     # -- lifecycle -----------------------------------------------------------------------
     def init(self, cache: SlotKV, *, pool_slots: int) -> None:
@@ -130,40 +139,27 @@ class MailboxClient:
     # -- prefill -------------------------------------------------------------------------
     def prefill(self, layer: int, slot: int, request: int, q, k, v, softmax_scale: float, members: int):
         """One layer of a pooled prompt ``[1, n, h, d]`` (RoPE applied): zigzag attention over the base and the
-        request's pool ranks (every member at once), then each member's range of the K/V (the base's into
-        ``slot`` of its own cache). Returns the attention output."""
+        request's pool ranks (every member at once), each member storing its range of the K/V sent with it (the
+        base's into ``slot`` of its own cache). Returns the attention output."""
         placement = self.placement[request]
-        members = len(placement) + 1
+        peers = [p for p, _ in placement]
         b, n, hq, d = q.shape
-        hk = k.shape[2]
-        plan = zigzag_plan(n, members, causal=True)
-        h = dict(op=PREFILL, n=n, members=members, batch=b, heads=hq, kv_heads=hk, head_dim=d,
-                 **Header.encode(dtype=q.dtype, softmax_scale=softmax_scale, backend="auto"))
-        sends, replies = {}, {}
-        for j, (p, _) in enumerate(placement, start=1):
-            (a0, a1), (b0, b1) = plan.spans_of(j)
-            e = plan.kv_prefix(j)
-            sends[p] = (Header(layer=j, **h), [torch.cat((q[:, a0:a1], q[:, b0:b1]), dim=1), k[:, :e], v[:, :e]])
-            replies[p] = q.new_empty((b, (a1 - a0) + (b1 - b0), hq, d))
-        spans = plan.spans_of(0)
-        outs, _ = self._exchange(  # the base's own chunks while the pool ranks compute theirs
-            "pooled prefill", sends, replies, meanwhile=lambda: chunks_forward(
-                [q[:, lo:hi] for lo, hi in spans], spans, k, v, causal=True, softmax_scale=softmax_scale,
-                backend="auto"))
-        out = torch.empty_like(q)
-        for (lo, hi), o in zip(spans, outs):
-            out[:, lo:hi] = o
-        for j, (p, _) in enumerate(placement, start=1):
-            (a0, a1), (b0, b1) = plan.spans_of(j)
-            out[:, a0:a1], out[:, b0:b1] = replies[p][:, : a1 - a0], replies[p][:, a1 - a0:]
-        bounds = prefill_shards(n, members)
-        stores = {}
-        for j, (p, pool_slot) in enumerate(placement, start=1):
-            lo, hi = bounds[j]
-            header = Header(op=STORE, call_id=pool_slot, n=hi - lo, layer=layer, kv_heads=hk, head_dim=d,
-                            dtype=DTYPES.index(k.dtype))
-            stores[p] = (header, [torch.stack((k[0, lo:hi], v[0, lo:hi]), dim=1)])
-        self._exchange("pooled K/V store", stores, {})
+        plan, bounds = zigzag_plan(n, len(peers) + 1, causal=True), prefill_shards(n, len(peers) + 1)
+        fields = dict(op=PREFILL, n=n, members=plan.members, batch=b, heads=hq, kv_heads=k.shape[2], head_dim=d,
+                      layer=layer, kv_chunk=n, save=0,
+                      **Header.encode(dtype=q.dtype, softmax_scale=softmax_scale, backend="auto"))
+
+        def run():
+            works = self._post_headers({p: Header(call_id=pool_slot, member=j, **fields)
+                                        for j, (p, pool_slot) in enumerate(placement, start=1)})
+            out, _ = base_forward(  # the base's own chunks while the pool ranks compute theirs
+                self, plan, peers, q, k, v, group_of=self._pair, causal=True, softmax_scale=softmax_scale,
+                backend="auto", kv_chunk=n, kv_rows=[store_rows(plan, bounds, j) for j in range(1, plan.members)])
+            for w in works:
+                w.wait()
+            return out
+
+        out = named_failure(f"pooled prefill of base rank {self.rank}", peers, run)
         lo, hi = bounds[0]
         self.cache.write_prefix(layer, slot, k[0, lo:hi], v[0, lo:hi])
         self.stats.pooled_forward += 1
@@ -215,6 +211,9 @@ class MailboxServer:
         self.manager: SharedPoolManager | None = None  # the coordinator's ledger
         self.free: dict[int, list[int]] = {}  # coordinator: pool rank -> free slots (lowest last)
         self.slots_of: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (base, request) -> placement
+        self.transport = P2PTransport(stats)
+        self.buffers = BufferPool()  # persistent prefill receive buffers
+        self.selector = BackendSelector()
 
     def serve(self):
         if dist.get_backend(self.groups.coordination) != "gloo":
@@ -234,8 +233,8 @@ class MailboxServer:
             if h.op == SHUTDOWN:
                 live.discard(base)
                 continue
-            handler = {INIT: self._init, ADMIT: self._admit, RELEASE: self._release, STORE: self._store,
-                       PREFILL: self._prefill, DECODE: self._decode}.get(h.op)
+            handler = {INIT: self._init, ADMIT: self._admit, RELEASE: self._release, PREFILL: self._prefill,
+                       DECODE: self._decode}.get(h.op)
             if handler is None:
                 raise RuntimeError(f"shared pool rank {self.rank}: unknown op {h.op} from rank {base}")
             t0 = time.perf_counter()
@@ -245,13 +244,11 @@ class MailboxServer:
 
     def _recv(self, shape, dtype, src, group) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(t, src=src, group=group)
-        self.stats.bytes_received += nbytes(t)
+        self.transport.post([], [(src, t)], group).wait()
         return t
 
     def _reply(self, t, dst, group) -> None:
-        dist.send(t.contiguous(), dst=dst, group=group)
-        self.stats.bytes_sent += nbytes(t)
+        self.transport.post([(dst, t.contiguous())], [], group).wait()
 
     def _init(self, base, h, group):
         shape = (h.layer, h.batch, h.n, h.kv_heads, h.head_dim, h.dtype)
@@ -291,22 +288,15 @@ class MailboxServer:
             self.free[p].sort(reverse=True)
         self.manager.release(base, h.call_id)
 
-    def _store(self, base, h, group):
-        t = self._recv((h.n, 2, h.kv_heads, h.head_dim), h.torch_dtype, base, group)
-        self.kv.write_prefix(h.layer, h.call_id, t[:, 0], t[:, 1])
-
     def _prefill(self, base, h, group):
+        """Member ``h.member``'s zigzag chunks of one prefill layer, then its range of the K/V it was sent into
+        slot ``h.call_id``."""
         plan = zigzag_plan(h.n, h.members, causal=True)
-        (a0, a1), (b0, b1) = spans = plan.spans_of(h.layer)
-        e = plan.kv_prefix(h.layer)
-        q = self._recv((h.batch, (a1 - a0) + (b1 - b0), h.heads, h.head_dim), h.torch_dtype, base, group)
-        k = self._recv((h.batch, e, h.kv_heads, h.head_dim), h.torch_dtype, base, group)
-        v = self._recv((h.batch, e, h.kv_heads, h.head_dim), h.torch_dtype, base, group)
-        outs, _ = chunks_forward([q[:, : a1 - a0], q[:, a1 - a0:]], spans, k, v, causal=True,
-                                 softmax_scale=h.softmax_scale, backend="auto")
-        self._reply(torch.cat(outs, dim=1), base, group)
-        self.stats.served_forward += 1
-        self.stats.query_rows += q.shape[1]
+        lo, hi = prefill_shards(h.n, h.members)[h.member]
+        key, bufs, _, _ = member_forward(self, plan, h.member, base, group, h,
+                                         kv_rows=store_rows(plan, prefill_shards(h.n, h.members), h.member))
+        self.kv.write_prefix(h.layer, h.call_id, bufs.k[lo:hi, 0], bufs.v[lo:hi, 0])  # batch 1: one prompt
+        self.buffers.give(key, bufs)
 
     def _decode(self, base, h, group):
         table = self._recv((h.n, TABLE_COLUMNS), torch.int64, base, group)

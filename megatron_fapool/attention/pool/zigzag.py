@@ -77,15 +77,16 @@ class ZigzagPlan:
         """Longest prefix any pool member (member >= 1) needs."""
         return max(self.kv_prefix(m) for m in range(1, self.members))
 
-    def kv_pieces(self, member: int, max_tokens: int) -> list[tuple[int, int]]:
-        """How member ``member``'s K/V prefix is sent: pieces of at most ``max_tokens`` rows.
+    def kv_pieces(self, member: int, max_tokens: int, rows: int | None = None) -> list[tuple[int, int]]:
+        """How member ``member``'s K/V prefix (or its first ``rows`` rows, if more are sent for it) is
+        sent: pieces of at most ``max_tokens`` rows.
 
         Piece ``j`` is the same row range for every member (clipped to its prefix), so the base
         posts piece ``j`` of all members at once. Fewer, larger pieces measured faster
         (docs/benchmarks.md, "FA Pool attention"), so the default (config ``kv_chunk_tokens``)
         sends one piece.
         """
-        e = self.kv_prefix(member)
+        e = self.kv_prefix(member) if rows is None else rows
         return [(lo, min(lo + max_tokens, e)) for lo in range(0, e, max_tokens)]
 
     def work(self, member: int) -> int:
@@ -156,11 +157,13 @@ def chunks_backward(douts, qs, spans, k, v, outs, lses, dk, dv, *, causal, softm
 # --------------------------------------------------------------------------------------
 # base side
 # --------------------------------------------------------------------------------------
-def post_inputs(client, plan: ZigzagPlan, peers, qr, kr, vr, group_of, kv_chunk: int):
+def post_inputs(client, plan: ZigzagPlan, peers, qr, kr, vr, group_of, kv_chunk: int, kv_rows=None):
     """Post each member's query chunks and K/V prefix pieces (``qr``, ``kr``, ``vr``: ``[n, b, ...]``)
-    to ``peers`` (member ``1..``): the queries with the first piece, then one post per further piece."""
+    to ``peers`` (member ``1..``): the queries with the first piece, then one post per further piece.
+    ``kv_rows[m - 1]``: K/V rows member ``m`` gets if not its prefix (serving sends a member what it stores)."""
     posted = []
-    pieces = {m: plan.kv_pieces(m, kv_chunk) for m in range(1, len(peers) + 1)}
+    pieces = {m: plan.kv_pieces(m, kv_chunk, None if kv_rows is None else kv_rows[m - 1])
+              for m in range(1, len(peers) + 1)}
     for j in range(max(len(p) for p in pieces.values())):
         by_group = {}
         for m, peer in enumerate(peers, start=1):
@@ -185,12 +188,13 @@ def wait_all(posted) -> None:
         p.wait()
 
 
-def base_forward(client, plan: ZigzagPlan, peers, q, k, v, *, group_of, causal, softmax_scale, backend, kv_chunk):
+def base_forward(client, plan: ZigzagPlan, peers, q, k, v, *, group_of, causal, softmax_scale, backend, kv_chunk,
+                 kv_rows=None):
     """The base's side of one pooled forward after its header: inputs posted, own chunks computed meanwhile,
     members' outputs received into their rows. Returns ``(out [b, n, h, d], own lses)``."""
     qr, kr, vr = rows(q), rows(k), rows(v)
     out_rows = torch.empty_like(qr)
-    posted = post_inputs(client, plan, peers, qr, kr, vr, group_of, kv_chunk)
+    posted = post_inputs(client, plan, peers, qr, kr, vr, group_of, kv_chunk, kv_rows)
     posted += post_output_rows(client, plan, peers, out_rows, group_of)
     spans = plan.spans_of(0)
     outs, lses = chunks_forward([q[:, lo:hi] for lo, hi in spans], spans, k, v, causal=causal,
@@ -283,7 +287,7 @@ def _backward(client, dout, q, k, v, out, lses, *, plan, call_id, softmax_scale)
 # --------------------------------------------------------------------------------------
 @dataclass
 class _Buffers:
-    """A member's persistent buffers for one call's shapes: its query chunks, K/V prefix ``[e, b, ...]``
+    """A member's persistent buffers for one call's shapes: its query chunks, K/V rows ``[e, b, ...]``
     and, with a backward, its dO chunks and dK/dV partials."""
 
     q: list[torch.Tensor]
@@ -294,10 +298,10 @@ class _Buffers:
     dv: torch.Tensor | None
 
     @classmethod
-    def allocate(cls, plan: ZigzagPlan, member: int, h: Header, device) -> "_Buffers":
+    def allocate(cls, plan: ZigzagPlan, member: int, h: Header, kv_rows: int, device) -> "_Buffers":
         dt, b = h.torch_dtype, h.batch
         q = [torch.empty((hi - lo, b, h.heads, h.head_dim), dtype=dt, device=device) for lo, hi in plan.spans_of(member)]
-        kv = (plan.kv_prefix(member), b, h.kv_heads, h.head_dim)
+        kv = (kv_rows, b, h.kv_heads, h.head_dim)
         k, v = torch.empty(kv, dtype=dt, device=device), torch.empty(kv, dtype=dt, device=device)
         if not h.save:
             return cls(q, k, v, None, None, None)
@@ -314,20 +318,18 @@ class _Saved:
     header: Header
 
 
-def _buffer_key(plan: ZigzagPlan, member: int, h: Header) -> tuple:
-    return ("zigzag", plan, member, h.batch, h.heads, h.kv_heads, h.head_dim, h.dtype, h.save)
-
-
-def serve_forward(member: ServiceMember, h: Header) -> None:
-    plan = zigzag_plan(h.n, h.members, bool(h.causal))
-    me, leader = member.member, member.leader
-    group = member.group_of(h.members)
-    key = _buffer_key(plan, me, h)
-    bufs = member.buffers.take(key, lambda: _Buffers.allocate(plan, me, h, member.device))
+def member_forward(end, plan: ZigzagPlan, me: int, leader: int, group, h: Header, *, kv_rows: int | None = None):
+    """Member ``me``'s side of one pooled forward after its header: its chunks and K/V rows (its prefix, or
+    ``kv_rows``) received into persistent buffers, its chunks computed as the K/V pieces arrive, its outputs
+    sent. ``end``: the rank's ``transport``, ``buffers``, ``selector`` and ``stats``. Returns
+    ``(buffer key, buffers, outs, lses)``; the caller gives the buffers back when it no longer needs them."""
+    e = plan.kv_prefix(me) if kv_rows is None else kv_rows
+    key = ("zigzag", plan, me, e, h.batch, h.heads, h.kv_heads, h.head_dim, h.dtype, h.save)
+    bufs = end.buffers.take(key, lambda: _Buffers.allocate(plan, me, h, e, end.device))
     posted = []
-    for j, (lo, hi) in enumerate(plan.kv_pieces(me, h.kv_chunk)):
+    for j, (lo, hi) in enumerate(plan.kv_pieces(me, h.kv_chunk, e)):
         recvs = (bufs.q if j == 0 else []) + [bufs.k[lo:hi], bufs.v[lo:hi]]
-        posted.append((lo, member.transport.post([], [(leader, t) for t in recvs], group)))
+        posted.append((lo, end.transport.post([], [(leader, t) for t in recvs], group)))
     k, v = bufs.k.transpose(0, 1), bufs.v.transpose(0, 1)  # [b, e, hk, d] views
     spans = plan.spans_of(me)
     outs, lses = [], []
@@ -336,13 +338,19 @@ def serve_forward(member: ServiceMember, h: Header) -> None:
         while posted and posted[0][0] < need:  # the queries and the K/V pieces this chunk sees have arrived
             posted.pop(0)[1].wait()
         o, l = chunks_forward([q.transpose(0, 1)], [span], k, v, causal=plan.causal, softmax_scale=h.softmax_scale,
-                              backend=h.backend_name, selector=member.selector)
+                              backend=h.backend_name, selector=end.selector)
         outs += o
         lses += l
     wait_all(p for _, p in posted)
-    member.transport.post([(leader, rows(o)) for o in outs], [], group).wait()
-    member.stats.served_forward += 1
-    member.stats.query_rows += sum(hi - lo for lo, hi in spans)
+    end.transport.post([(leader, rows(o)) for o in outs], [], group).wait()
+    end.stats.served_forward += 1
+    end.stats.query_rows += sum(hi - lo for lo, hi in spans)
+    return key, bufs, outs, lses
+
+
+def serve_forward(member: ServiceMember, h: Header) -> None:
+    plan = zigzag_plan(h.n, h.members, bool(h.causal))
+    key, bufs, outs, lses = member_forward(member, plan, member.member, member.leader, member.group_of(h.members), h)
     if h.save:
         member.saved[h.call_id] = _Saved(plan, key, bufs, outs, lses, h)
     else:

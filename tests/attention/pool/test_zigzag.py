@@ -127,3 +127,127 @@ def test_each_pipeline_stage_and_tp_rank_uses_its_own_pool_share():
         assert base["stats"]["pooled_forward"] == 1
     for pool in res[4:]:
         assert pool["served_forward"] == 1 and pool["served_backward"] == 1
+
+
+# --------------------------------------------------------------------------------------
+# what one pooled layer call costs once its pass is announced
+# --------------------------------------------------------------------------------------
+#: torch.distributed calls, each one launch (NCCL) or message round (gloo); nested calls (the isends of a
+#: batch_isend_irecv) are not counted again.
+COMMUNICATION = ("broadcast", "scatter", "gather", "reduce", "all_reduce", "all_gather", "send", "recv", "isend",
+                 "irecv", "batch_isend_irecv", "all_to_all_single")
+#: Tensor methods that read a device value on the host (a device-to-host synchronisation on CUDA).
+HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+#: Before the pass and the point-to-point transport (the collective path of 2026-12-03): per pooled call the base
+#: broadcast a header, then scatter, broadcast, gather (forward) or scatter, reduce, gather (backward); each pool
+#: rank the same four, and one host read of the header.
+BEFORE = {"base_per_call": 4, "pool_per_call": 4, "pool_reads_per_call": 1}
+#: The bound now, per pooled layer call after its pass's header: two posts on each side (inputs out and
+#: results back), no host read on either side.
+BOUND = {"base_per_call": 2, "pool_per_call": 2, "pool_reads_per_call": 0}
+LAYERS = 3
+
+
+class _Counting:
+    """Counts torch.distributed calls and host reads of tensors while active (test instrumentation)."""
+
+    def __init__(self):
+        self.counts = {"communication": 0, "host_reads": 0}
+        self._depth = 0
+        self._undo = []
+
+    def _wrap(self, owners, name, kind):
+        original = getattr(owners[0], name)
+
+        def counted(*args, **kwargs):
+            if self._depth == 0:
+                self.counts[kind] += 1
+            self._depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        for owner in owners:
+            self._undo.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, counted)
+
+    def __enter__(self):
+        import torch.distributed.distributed_c10d as c10d
+
+        for name in COMMUNICATION:  # both namespaces: P2POp checks its op against c10d's own isend / irecv
+            self._wrap((c10d, dist), name, "communication")
+        for name in HOST_READS:
+            self._wrap((torch.Tensor,), name, "host_reads")
+        return self.counts
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+
+
+def _pass_body(rank, world, announce: bool, broken: str | None = None):
+    layout = compute_layout(world, tp=1, pp=1, pool_size=world - 1, num_attention_heads=4, num_query_groups=2)
+    groups = initialize_parallel_groups(layout)
+    if groups.is_pool:
+        with _Counting() as counts:
+            server = PoolServer(groups, device=torch.device("cpu"))
+            server.serve()
+        return {"counts": counts, "headers": server.headers, "allocated": server.buffers.allocated}
+    client = PoolClient(groups, kv_chunk_tokens=1 << 20, stats=PoolStats())
+    q, k, v, dout = _inputs(301, 2, 4, 2, 8, seed=7)
+    for t in (q, k, v):
+        t.requires_grad_()
+    results = []
+    for step in range(2):  # the second micro-batch reuses the pool's buffers
+        with _Counting() as counts:
+            client.plan_pass(LAYERS if announce else 0)
+            h = q
+            calls = LAYERS - 1 if broken == "short" else LAYERS
+            for layer in range(calls):
+                x = h[:, :300] if broken == "shape" and layer == 1 else h
+                h = PooledAttention.apply(x, k, v, client, world - 1, True, 0.3)
+            client.end_forward_pass()
+            h.backward(dout)
+        results.append({"counts": counts, "out": h.detach(), "grads": [t.grad.clone() for t in (q, k, v)]})
+        for t in (q, k, v):
+            t.grad = None
+    client.shutdown(torch.device("cpu"))
+    return {"steps": results, "headers": client.headers, "posts": client.transport.counters.posts}
+
+
+def test_an_announced_pass_costs_two_posts_per_call_and_no_host_reads():
+    """1 base + 2 pool ranks, three chained pooled layers forward and backward, twice: with the pass announced,
+    per call after its header each side makes at most BOUND's posts and no host read (BEFORE: 4 collectives and
+    a host read per call); the same layers called one header each give bit-identical outputs and gradients."""
+    passed = run_distributed(_pass_body, 3, True, timeout=120)
+    per_call = run_distributed(_pass_body, 3, False, timeout=120)
+    calls = 2 * LAYERS  # forward and backward
+    for step in passed[0]["steps"]:
+        base = step["counts"]
+        headers = 2  # one for the forward pass, one for the backward pass
+        assert base["host_reads"] == 0, base
+        assert base["communication"] == headers + BOUND["base_per_call"] * calls, base
+        assert BOUND["base_per_call"] < BEFORE["base_per_call"]
+    assert passed[0]["headers"] == 2 * 2 + 1  # two micro-batches' passes and the shutdown
+    for pool in passed[1:]:
+        headers = 2 * 2 + 1
+        assert pool["headers"] == headers
+        assert pool["counts"]["host_reads"] == headers * 1 + BOUND["pool_reads_per_call"] * 2 * calls, pool
+        assert pool["counts"]["communication"] == headers + BOUND["pool_per_call"] * 2 * calls, pool
+        assert pool["allocated"] == LAYERS  # the forward buffers of the first micro-batch, reused by the second
+    # without the pass: one header per call, and a host read of it on every pool rank
+    assert per_call[0]["headers"] == 2 * calls + 1
+    for pool in per_call[1:]:
+        assert pool["counts"]["host_reads"] == 2 * calls + 1
+    for a, b in zip(passed[0]["steps"], per_call[0]["steps"]):
+        assert torch.equal(a["out"], b["out"])
+        assert all(torch.equal(x, y) for x, y in zip(a["grads"], b["grads"]))
+
+
+@pytest.mark.parametrize("broken, message", [("short", "ended after 2 calls"), ("shape", "breaks the pass")])
+def test_a_pass_the_base_does_not_keep_fails_clearly(broken, message):
+    from megatron_fapool.testing.distributed import DistributedRunError
+
+    with pytest.raises(DistributedRunError, match=message):
+        run_distributed(_pass_body, 2, True, broken, timeout=60)
