@@ -278,7 +278,8 @@ class ServingEngine:
         pos = torch.arange(n, device=dev)[None]
         rope = self.attention.rope_for(pos, self.model.config.params_dtype)
         step = PooledPrefillStep(self.pooled, request, self.cache.slot_of[request], members, rope)
-        logits = self._forward(step, ids, pos)
+        with self.pooled.prefill_pass():  # one header for every layer's pooled call (dedicated pool)
+            logits = self._forward(step, ids, pos)
         return self._first_tokens(logits[0, -1:], [(request, prompt)], [n], [members])[0]
 
     def _forward(self, step, ids, pos):

@@ -112,8 +112,9 @@ class Header:
     extra: int = 0
     layer: int = 0
     member: int = 0  # the receiving rank's member index, where a header goes to one rank (the shared serving pool)
+    slot: int = 0  # a K/V slot on the receiving ranks (serving)
     calls: int = 0  # > 1: a pass of this many calls of the same op follows this one header
-    call_step: int = 1  # call ids in a pass: call_id, call_id + call_step, ...
+    call_step: int = 1  # call ids and layers in a pass: call_id, call_id + call_step, ... (layer likewise)
 
     @property
     def softmax_scale(self) -> float:
@@ -165,7 +166,15 @@ class _Pass:
     fields: dict
     ids: list[int]  # call ids, in the order they are served
     forward: bool
+    layer: int | None = None  # the first call's layer, if the op names one: call i is layer + i * step
     done: int = 0
+
+    @property
+    def step(self) -> int:
+        return 1 if self.forward else -1
+
+    def expected_layer(self) -> int | None:
+        return None if self.layer is None else self.layer + self.done * self.step
 
 
 class ServiceClient:
@@ -212,10 +221,11 @@ class ServiceClient:
     def announce_call(self, device, *, op: int, call_id: int, backward: bool = False, **fields) -> None:
         """Tell the serving ranks about call ``call_id``: a header of its own, the header of a pass it opens,
         or nothing if it is the next call of the pass in progress (checked against what was announced)."""
+        layer = fields.pop("layer", None)  # a pass's calls are consecutive layers
         p = self._pass
         if p is not None:
-            if p.op != op or p.fields != fields or p.ids[p.done] != call_id:
-                raise PassBroken(f"rank {self.rank}: call {call_id} (op {op}, {fields}) breaks"
+            if p.op != op or p.fields != fields or p.ids[p.done] != call_id or layer != p.expected_layer():
+                raise PassBroken(f"rank {self.rank}: call {call_id} (op {op}, layer {layer}, {fields}) breaks"
                                  f" {self._describe(p)} at call {p.done + 1}, which expects call {p.ids[p.done]}")
             p.done += 1
             if p.done == len(p.ids):
@@ -223,18 +233,19 @@ class ServiceClient:
             return
         if not backward and self._planned > 1:
             ids = list(range(call_id, call_id + self._planned))
-            self._open(device, _Pass(op, fields, ids, forward=True), step=1)
+            self._open(device, _Pass(op, fields, ids, forward=True, layer=layer))
             self._backward_due = ids if fields.get("save") else []
             self._planned = 0
             return
         if backward and self._backward_due and call_id == self._backward_due[-1]:
-            self._open(device, _Pass(op, fields, self._backward_due[::-1], forward=False), step=-1)
+            self._open(device, _Pass(op, fields, self._backward_due[::-1], forward=False, layer=layer))
             self._backward_due = []
             return
-        self.send_header(device, op=op, call_id=call_id, **fields)
+        self.send_header(device, op=op, call_id=call_id, **fields, **({} if layer is None else {"layer": layer}))
 
-    def _open(self, device, p: _Pass, *, step: int) -> None:
-        self.send_header(device, op=p.op, call_id=p.ids[0], calls=len(p.ids), call_step=step, **p.fields)
+    def _open(self, device, p: _Pass) -> None:
+        self.send_header(device, op=p.op, call_id=p.ids[0], calls=len(p.ids), call_step=p.step, layer=p.layer or 0,
+                         **p.fields)
         p.done = 1
         self._pass = p
 
@@ -337,8 +348,9 @@ class ServiceMember:
             if h.calls <= 1:
                 handler(self, h)
                 continue
-            for i in range(h.calls):  # an announced pass: its calls follow without headers
-                handler(self, replace(h, call_id=h.call_id + i * h.call_step, calls=0))
+            for i in range(h.calls):  # an announced pass: its calls (consecutive layers) follow without headers
+                step = i * h.call_step
+                handler(self, replace(h, call_id=h.call_id + step, layer=h.layer + step, calls=0))
 
     def take_saved(self, call_id: int, kind: type, what: str):
         """The saved state of ``call_id`` (removed), which must be a ``kind``; a clear error otherwise."""

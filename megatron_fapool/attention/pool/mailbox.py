@@ -29,6 +29,7 @@ closed-form placement (:func:`~.slot_kv.decode_rows`) applies with a per-row mem
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ from ...parallel.transport import BufferPool, P2PTransport
 from ..kernels import BackendSelector, merge_partials
 from .decode import prefill_shards
 from .shared import PoolDemand, SharedPoolManager
-from .slot_kv import SLOT_BACKENDS, SlotKV, _pack, attend_rows, decode_rows
+from .slot_kv import SLOT_BACKENDS, SlotKV, _pack, attend_rows, decode_rows, store_rows
 from .zigzag import base_forward, member_forward, zigzag_plan
 
 __all__ = ["MailboxClient", "MailboxServer", "PoolFull"]
@@ -55,12 +56,6 @@ class PoolFull(RuntimeError):
 
 def _pair(groups, base: int, pool_rank: int):
     return groups.group_of_members((base, pool_rank))
-
-
-def store_rows(plan, bounds, member: int) -> int:
-    """K/V rows a prefill sends member ``member``: the prefix its chunks see, extended to the end of the range
-    it stores (``bounds[member]``), so the K/V it keeps travels with the attention's, once."""
-    return max(plan.kv_prefix(member), bounds[member][1])
 
 
 class MailboxClient:
@@ -137,6 +132,11 @@ class MailboxClient:
             self._exchange("pool release", {self.coordinator: (h, [])}, {})
 
     # -- prefill -------------------------------------------------------------------------
+    def prefill_pass(self):
+        """No pass here: a pool rank may serve another base rank between two layers of a prompt, so every layer's
+        prefill op carries its header (pairwise, one integer tensor per pool rank)."""
+        return nullcontext()
+
     def prefill(self, layer: int, slot: int, request: int, q, k, v, softmax_scale: float, members: int):
         """One layer of a pooled prompt ``[1, n, h, d]`` (RoPE applied): zigzag attention over the base and the
         request's pool ranks (every member at once), each member storing its range of the K/V sent with it (the
@@ -150,7 +150,7 @@ class MailboxClient:
                       **Header.encode(dtype=q.dtype, softmax_scale=softmax_scale, backend="auto"))
 
         def run():
-            works = self._post_headers({p: Header(call_id=pool_slot, member=j, **fields)
+            works = self._post_headers({p: Header(slot=pool_slot, member=j, **fields)
                                         for j, (p, pool_slot) in enumerate(placement, start=1)})
             out, _ = base_forward(  # the base's own chunks while the pool ranks compute theirs
                 self, plan, peers, q, k, v, group_of=self._pair, causal=True, softmax_scale=softmax_scale,
@@ -290,12 +290,12 @@ class MailboxServer:
 
     def _prefill(self, base, h, group):
         """Member ``h.member``'s zigzag chunks of one prefill layer, then its range of the K/V it was sent into
-        slot ``h.call_id``."""
+        slot ``h.slot``."""
         plan = zigzag_plan(h.n, h.members, causal=True)
         lo, hi = prefill_shards(h.n, h.members)[h.member]
         key, bufs, _, _ = member_forward(self, plan, h.member, base, group, h,
                                          kv_rows=store_rows(plan, prefill_shards(h.n, h.members), h.member))
-        self.kv.write_prefix(h.layer, h.call_id, bufs.k[lo:hi, 0], bufs.v[lo:hi, 0])  # batch 1: one prompt
+        self.kv.write_prefix(h.layer, h.slot, bufs.k[lo:hi, 0], bufs.v[lo:hi, 0])  # batch 1: one prompt
         self.buffers.give(key, bufs)
 
     def _decode(self, base, h, group):

@@ -38,19 +38,21 @@ host, then queues every layer's collectives and kernels without another host rea
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
 from ...parallel.service import DTYPES, Header, ServiceMember, named_failure, nbytes
 from ..kernels import merge_partials, slot_decode
 from ..kernels.slots import DECODE_BACKENDS
-from .decode import receive_prefill, scatter_prefill
-from .zigzag import PooledAttention
+from .decode import prefill_shards
+from .zigzag import ZigzagPlan, base_forward, member_forward, zigzag_plan
 
-__all__ = ["HANDLERS", "PooledSlots", "SlotKV", "decode_rows", "member_tokens"]
+__all__ = ["HANDLERS", "PooledSlots", "SlotKV", "decode_rows", "member_tokens", "store_rows"]
 
 KV_SLOT_INIT = 9  # allocate (or replace) the pool rank's slot K/V
-KV_SLOT_STORE = 10  # one layer's prefill K/V of a pooled request, scattered over its members
+KV_SLOT_PREFILL = 10  # one layer of a pooled prompt: zigzag attention, each member keeping its range of the K/V
 KV_SLOT_DECODE = 11  # one decode step (all layers) of a slot batch with pooled rows
 
 #: Columns of the per-step row table: position of the new token, prompt length, members, slot.
@@ -165,22 +167,37 @@ class PooledSlots:
                                 kv_heads=kv.kv_heads, head_dim=kv.head_dim, dtype=DTYPES.index(self.dtype),
                                 members=self.members)
 
-    def store(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor, members: int) -> None:
-        """One layer's prefill K/V ``[n, hk, d]`` (RoPE applied) of the request in ``slot``, over ``members`` ranks."""
-        if not 2 <= members <= self.members:
-            raise ValueError(f"members must be in 2..{self.members}, got {members}")
-        self._call(self._store, layer, slot, k, v, members)
+    @contextmanager
+    def prefill_pass(self):
+        """A pooled prompt's forward through every layer: one header for all its layers' prefill calls."""
+        self.client.plan_pass(self.kv.layers)
+        yield
+        self.client.end_forward_pass()
 
     def prefill(self, layer: int, slot: int, request: int, q, k, v, softmax_scale: float, members: int):
         """One layer of a pooled prompt ``[1, n, h, d]`` (RoPE applied): attention through the pool's first
-        ``members - 1`` ranks (zigzag), then its K/V spread over them and this rank's ``slot``."""
-        out = PooledAttention.apply(q, k, v, self.client, members - 1, True, softmax_scale)
-        self.store(layer, slot, k[0], v[0], members)
-        return out
+        ``members - 1`` ranks (zigzag), each keeping its range of the K/V (sent with its attention's, once) in
+        ``slot``; the base keeps its range in its own ``slot``. Returns the attention output."""
+        if not 2 <= members <= self.members:
+            raise ValueError(f"members must be in 2..{self.members}, got {members}")
+        return self._call(self._prefill, layer, slot, q, k, v, softmax_scale, members)
 
-    def _store(self, layer, slot, k, v, members):
-        lo, hi = scatter_prefill(self.client, KV_SLOT_STORE, slot, layer, k, v, members)
-        self.kv.write_prefix(layer, slot, k[lo:hi], v[lo:hi])
+    def _prefill(self, layer, slot, q, k, v, scale, members):
+        client = self.client
+        b, n, hq, d = q.shape
+        plan, bounds = zigzag_plan(n, members, causal=True), prefill_shards(n, members)
+        client.announce_call(q.device, op=KV_SLOT_PREFILL, call_id=client.open_call(save=False), layer=layer,
+                             slot=slot, n=n, batch=b, heads=hq, kv_heads=k.shape[2], head_dim=d, members=members,
+                             kv_chunk=client.kv_chunk, save=0,
+                             **Header.encode(dtype=q.dtype, softmax_scale=scale, backend=client.backend))
+        group = client.group(members - 1)
+        out, _ = base_forward(client, plan, client.pool_ranks[: members - 1], q, k, v, group_of=lambda _: group,
+                              causal=True, softmax_scale=scale, backend=client.backend, kv_chunk=client.kv_chunk,
+                              kv_rows=[store_rows(plan, bounds, j) for j in range(1, members)])
+        lo, hi = bounds[0]
+        self.kv.write_prefix(layer, slot, k[0, lo:hi], v[0, lo:hi])
+        client.stats.pooled_forward += 1
+        return out
 
     def announce(self, table: torch.Tensor, *, heads: int, softmax_scale: float, ranks=None, slots=None) -> None:
         """Tell the pool a decode step of ``table``'s rows (``[B, 4]`` int64) comes, for every layer in order."""
@@ -231,8 +248,23 @@ def _slot_kv(server: ServiceMember) -> SlotKV:
     return server.slot_kv
 
 
-def serve_slot_store(server: ServiceMember, h: Header) -> None:
-    _slot_kv(server).write_prefix(h.layer, h.call_id, *receive_prefill(server, h))
+def store_rows(plan: ZigzagPlan, bounds, member: int) -> int:
+    """K/V rows a pooled prefill sends member ``member``: the prefix its zigzag chunks see, extended to the end
+    of the range it stores (``bounds[member]``, :func:`~.decode.prefill_shards`), so the K/V it keeps travels
+    with the attention's, once."""
+    return max(plan.kv_prefix(member), bounds[member][1])
+
+
+def serve_slot_prefill(server: ServiceMember, h: Header) -> None:
+    """Member ``server.member``'s zigzag chunks of one prefill layer, then its range of the K/V into ``h.slot``."""
+    kv = _slot_kv(server)
+    plan, bounds = zigzag_plan(h.n, h.members, causal=True), prefill_shards(h.n, h.members)
+    me = server.member
+    lo, hi = bounds[me]
+    key, bufs, _, _ = member_forward(server, plan, me, server.leader, server.group_of(h.members), h,
+                                     kv_rows=store_rows(plan, bounds, me))
+    kv.write_prefix(h.layer, h.slot, bufs.k[lo:hi, 0], bufs.v[lo:hi, 0])  # batch 1: one prompt
+    server.buffers.give(key, bufs)
 
 
 def serve_slot_decode(server: ServiceMember, h: Header) -> None:
@@ -257,4 +289,4 @@ def serve_slot_decode(server: ServiceMember, h: Header) -> None:
         server.stats.query_rows += h.n
 
 
-HANDLERS = {KV_SLOT_INIT: serve_slot_init, KV_SLOT_STORE: serve_slot_store, KV_SLOT_DECODE: serve_slot_decode}
+HANDLERS = {KV_SLOT_INIT: serve_slot_init, KV_SLOT_PREFILL: serve_slot_prefill, KV_SLOT_DECODE: serve_slot_decode}

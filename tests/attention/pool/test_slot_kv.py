@@ -7,6 +7,8 @@ through :class:`PooledSlots` (one announcement, one exchange per layer), and com
 with dense attention over all its tokens; each pool rank's slots hold exactly its share.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -77,20 +79,26 @@ def _body(rank, world):
     if groups.is_pool:
         server = PoolServer(groups, device=torch.device("cpu"))
         stats = server.serve()
-        return {"held": [_held(server.slot_kv, layer) for layer in range(LAYERS)], "stats": stats.as_dict()}
+        return {"held": [_held(server.slot_kv, layer) for layer in range(LAYERS)], "stats": stats.as_dict(),
+                "headers": server.headers}
     client = PoolClient(groups, kv_chunk_tokens=1 << 20, stats=PoolStats())
     kv = SlotKV(layers=LAYERS, slots=SLOTS, capacity=CAP, kv_heads=HK, head_dim=D, dtype=torch.float32, device="cpu")
     pooled = PooledSlots(client, kv, dtype=torch.float32, backend="torch")
     g = torch.Generator().manual_seed(0)
-    full = {}
+    full, prefill_errors = {}, []
     for slot, (n, members) in REQUESTS.items():
-        for layer in range(LAYERS):
-            k, v = torch.randn(n, HK, D, generator=g), torch.randn(n, HK, D, generator=g)
-            full[slot, layer] = (k, v)
-            if members > 1:
-                pooled.store(layer, slot, k, v, members)
-            else:
-                kv.write_prefix(layer, slot, k, v)
+        with pooled.prefill_pass() if members > 1 else contextlib.nullcontext():  # one header for all layers
+            for layer in range(LAYERS):
+                k, v = torch.randn(n, HK, D, generator=g), torch.randn(n, HK, D, generator=g)
+                full[slot, layer] = (k, v)
+                if members > 1:
+                    q = torch.randn(n, 1, H, D, generator=g).transpose(0, 1)  # views of [n, b, ...], as Megatron's
+                    out = pooled.prefill(layer, slot, slot, q, k[:, None].transpose(0, 1), v[:, None].transpose(0, 1),
+                                         SCALE, members)
+                    ref = torch.stack([_reference(q[0, i], k[: i + 1], v[: i + 1]) for i in range(n)])
+                    prefill_errors.append(float((out[0].double() - ref).abs().max()))
+                else:
+                    kv.write_prefix(layer, slot, k, v)
     order = [2, 0, 1]  # rows in a different order than slots; a padding row at the end (bucket of 4)
     table = torch.zeros((4, 4), dtype=torch.long)
     table[:, 2], table[:, 3] = 1, kv.scratch
@@ -112,12 +120,15 @@ def _body(rank, world):
                 errors.append(float((out[i].double() - _reference(q[i], k, v)).abs().max()))
         table[:3, 0] += 1
     client.shutdown(torch.device("cpu"))
-    return {"held": [_held(kv, layer) for layer in range(LAYERS)], "max_error": max(errors)}
+    return {"held": [_held(kv, layer) for layer in range(LAYERS)], "max_error": max(errors),
+            "prefill_error": max(prefill_errors), "headers": client.headers}
 
 
 def test_pooled_decode_over_slots_equals_dense_attention():
     base, *pools = run_distributed(_body, 3, timeout=120)
-    assert base["max_error"] < 1e-5
+    assert base["max_error"] < 1e-5 and base["prefill_error"] < 1e-5
+    pooled_prompts = sum(members > 1 for _, members in REQUESTS.values())
+    assert base["headers"] == 1 + pooled_prompts + STEPS + 1  # init, a pass per pooled prompt, decode steps, shutdown
     for slot, (n, members) in REQUESTS.items():  # every member holds exactly its share, nothing twice
         total = n + STEPS
         shares = [member_tokens(j, torch.tensor([n]), torch.tensor([members]), torch.tensor([total])).item()
@@ -126,6 +137,7 @@ def test_pooled_decode_over_slots_equals_dense_attention():
         for layer in range(LAYERS):
             held = [base["held"][layer][slot]] + [p["held"][layer][slot] for p in pools]
             assert held == shares, (slot, layer, held, shares)
-    for p in pools:
-        assert p["stats"]["served_forward"] == STEPS * LAYERS
+    for j, p in enumerate(pools, start=1):  # decode layers, and prefill layers of the prompts it is a member of
+        prefills = sum(members > j for _, members in REQUESTS.values()) * LAYERS
+        assert p["stats"]["served_forward"] == STEPS * LAYERS + prefills
         assert p["held"][0][3] == 0  # the unused slot stays empty
