@@ -8,6 +8,13 @@ and member-side handlers, and whoever builds a :class:`ServiceMember` passes the
 in. It also holds what both sides share: the header, the per-call state life cycle
 (call ids, ``drop_before``), byte counters, and errors that name the lost peer.
 
+A leader may announce a *pass* instead (:meth:`ServiceClient.plan_pass`): one header for a
+run of calls of one op with the same shapes over consecutive layers (a micro-batch's forward
+through its pooled layers, then their backward in reverse); the serving ranks then run the
+pass's calls without reading another header, and the leader checks that each call it makes is
+the one it announced (:class:`PassBroken` otherwise, before anything of that call is sent).
+Data moves through :mod:`.transport`.
+
 All process groups exist already (made at start-up by :mod:`.groups`); a call only
 picks one of them.
 """

@@ -65,7 +65,7 @@ def serve_pool(groups: ParallelGroups, device: torch.device, pool_cfg=None) -> N
         stats, whom = server.serve(), f"base rank {groups.role.serves}"
     print(
         f"[rank {dist.get_rank()}] pool rank for {whom}: served"
-        f" {stats.served_forward} forward / {stats.served_backward} backward calls,"
+        f" {stats.served_forward} forward / {stats.served_backward} backward calls in {server.headers} headers,"
         f" {stats.query_rows} query rows, {stats.bytes_received / 1e6:.1f} MB in, {stats.bytes_sent / 1e6:.1f} MB out"
         + (f", busy {stats.busy_s:.2f} s" if groups.layout.pool_shared else ""),
         flush=True,

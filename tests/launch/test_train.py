@@ -66,6 +66,12 @@ def test_pool_on_equals_pool_off(straight_run, corpus, tmp_path):
     out = straight_run["stdout"]
     assert "pool rank for base rank 0: served" in out and "pool rank for base rank 1: served" in out
     assert "served 0 forward" not in out
+    # a pooled micro-batch's calls are announced once per pass (forward, backward): a header per pass, not per call
+    served = re.findall(r"served (\d+) forward / (\d+) backward calls in (\d+) headers", out)
+    assert len(served) == 2, out  # both pool ranks
+    for fwd, bwd, headers in served:
+        passes = int(fwd) // 2  # the tiny model's 2 layers per pooled micro-batch
+        assert int(headers) == 2 * passes + 1 < int(fwd) + int(bwd), (fwd, bwd, headers)  # + the shutdown
 
     cfg_off = _config(tmp_path / "off.json", pool=False)
     run_ok(launch_command("torchrun", 2, "train", _train_args(cfg_off, corpus, tmp_path / "off.jsonl")))
