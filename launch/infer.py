@@ -230,13 +230,6 @@ def _preflight(args):
             " built): serve this model with dilated_attention.enabled false only if it was trained dense",
         )
     if cfg.fapool.attention_pool.enabled and cfg.fapool.attention_pool.sharing == "shared" \
-            and torch.cuda.is_available():
-        raise ConfigError(
-            "fapool.attention_pool.sharing",
-            "serving from a shared pool runs over gloo (CPU) only yet: its pool ranks take headers from any base"
-            " rank by a receive from any source, which NCCL lacks; serve on GPUs with sharing 'dedicated'",
-        )
-    if cfg.fapool.attention_pool.enabled and cfg.fapool.attention_pool.sharing == "shared" \
             and cfg.tensor_model_parallel_size != 1:
         raise ConfigError(
             "fapool.attention_pool.sharing",

@@ -2,16 +2,20 @@
 
 Serving replicas do not step together (no replica may wait for another's long prefill), so the
 per-step agreement of training (:mod:`.sharing`) does not fit. Instead every exchange between a
-base rank and a pool rank is *pairwise* and *one-shot*: the base posts a header and its data to
-each pool rank involved at once (non-blocking), then waits for their replies; a pool rank takes
-headers from any base rank in arrival order (its *mailbox*: a receive from any source, which gloo
-has and NCCL lacks, so this runs on CPU ranks only yet), receives that op's data from that
-base rank alone, computes, replies, and takes the next header. No op of a pool rank waits for
-anything but data its base rank has already posted, and no pool rank waits for another, so
-replicas sharing pool ranks cannot deadlock however their steps interleave; a decode step is one
-op per layer (a step-long op would wait for its base's next layer while that base waits for
-another pool rank). Transfers run over the pair groups ``(base, pool rank)`` created at start-up
-(the shared layout's blocks of one rank), headers over the coordination group.
+base rank and a pool rank is *pairwise* and *one-shot*: the base puts a header into the pool
+rank's *mailbox* and posts its data, then waits for the reply; a pool rank takes headers from its
+mailbox in arrival order, receives that op's data from that base rank alone over their pair group,
+computes, replies, and takes the next header. No op of a pool rank waits for anything but data its
+base rank has already posted, and no pool rank waits for another, so replicas sharing pool ranks
+cannot deadlock however their steps interleave; a decode step is one op per layer (a step-long op
+would wait for its base's next layer while that base waits for another pool rank).
+
+A mailbox (:class:`Mailboxes`) lives in the job's rendezvous store: a base rank takes the next
+index of a pool rank's queue (one atomic ``add``) and writes its header there; the pool rank reads
+index after index. That needs nothing of the communication backend (NCCL has no receive from any
+source), and the header is host bytes on both sides (no device read). Data moves through
+:mod:`~...parallel.transport` over the pair groups ``(base, pool rank)`` created at start-up (the
+shared layout's blocks of one rank).
 
 Ops (:data:`INIT` ... ): allocate the pool rank's :class:`~.slot_kv.SlotKV` (``pool_slots`` slots
 of the engines' capacity, shared by every base rank); admit / release a long request on the
@@ -19,22 +23,23 @@ of the engines' capacity, shared by every base rank); admit / release a long req
 every pool rank's K/V accounting, one slot per request per rank); store a member's range of a
 layer's prefill K/V; one member's zigzag chunks of a pooled prefill layer's attention, with the K/V rows the
 member stores sent along (once: the prefix its chunks see, extended to the end of its store range); one layer
-of a decode step over the rows this pool rank holds. Data moves through :mod:`~...parallel.transport` over
-the pair groups; a prefill's chunks go straight between the base's rows and the pool rank's buffers (the
-zigzag module's two sides). A request's placement is ``[(pool rank, slot)]``;
+of a decode step over the rows this pool rank holds. A prefill's chunks go straight between the base's rows
+and the pool rank's buffers (the zigzag module's two sides). A request's placement is ``[(pool rank, slot)]``;
 member ``j >= 1`` of it is its ``j``-th pool rank (the base is member 0), so the slot layout's
 closed-form placement (:func:`~.slot_kv.decode_rows`) applies with a per-row member index.
 """
 
 from __future__ import annotations
 
+import struct
 import time
 from contextlib import nullcontext
+from dataclasses import astuple
 
 import torch
 import torch.distributed as dist
 
-from ...parallel.service import DTYPES, SHUTDOWN, Header, named_failure, nbytes
+from ...parallel.service import DTYPES, SHUTDOWN, Header, named_failure
 from ...parallel.transport import BufferPool, P2PTransport
 from ..kernels import BackendSelector, merge_partials
 from .decode import prefill_shards
@@ -45,7 +50,7 @@ from .zigzag import base_forward, member_forward, zigzag_plan
 __all__ = ["MailboxClient", "MailboxServer", "PoolFull"]
 
 INIT, ADMIT, RELEASE, PREFILL, DECODE = 21, 22, 23, 25, 26
-HEADER_TAG = 17
+_HEADER_LEN = len(astuple(Header(op=0)))
 #: Row table columns of a decode op: position, prompt length, members, slot on this rank, member index.
 TABLE_COLUMNS = 5
 
@@ -56,6 +61,44 @@ class PoolFull(RuntimeError):
 
 def _pair(groups, base: int, pool_rank: int):
     return groups.group_of_members((base, pool_rank))
+
+
+def _own_connection(store):
+    """A connection of this rank's own to the job's TCP store: a pool rank's blocking read must not hold the
+    connection that other threads of the rank (the liveness monitor's heartbeats) write through."""
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if not isinstance(store, dist.TCPStore):
+        raise RuntimeError(f"a shared serving pool needs a TCP rendezvous store (env:// or tcp://), got {type(store).__name__}")
+    return dist.TCPStore(store.host, store.port, is_master=False, timeout=store.timeout,
+                         use_libuv=store.libuvBackend)
+
+
+class Mailboxes:
+    """Every pool rank's queue of headers in the job's store (key prefix :attr:`PREFIX`).
+
+    :meth:`post` appends (any base rank, any time); :meth:`take` reads a pool rank's ``i``-th header,
+    waiting for it as long as the store's timeout (the job's ``--distributed-timeout-minutes``, as a
+    collective would), and deletes it once read.
+    """
+
+    PREFIX = "fapool/mailbox"
+
+    def __init__(self, store=None):
+        self.store = store if store is not None else _own_connection(dist.distributed_c10d._get_default_store())
+
+    def _key(self, pool_rank: int, what) -> str:
+        return f"{self.PREFIX}/{pool_rank}/{what}"
+
+    def post(self, pool_rank: int, sender: int, header: Header) -> None:
+        i = self.store.add(self._key(pool_rank, "count"), 1) - 1
+        self.store.set(self._key(pool_rank, i), struct.pack(f"<{1 + _HEADER_LEN}q", sender, *astuple(header)))
+
+    def take(self, pool_rank: int, i: int) -> tuple[int, Header]:
+        key = self._key(pool_rank, i)
+        sender, *fields = struct.unpack(f"<{1 + _HEADER_LEN}q", self.store.get(key))  # blocks until posted
+        self.store.delete_key(key)
+        return sender, Header(*fields)
 
 
 class MailboxClient:
@@ -76,25 +119,26 @@ class MailboxClient:
         self._scale = None
         self.transport = P2PTransport(stats)
         self.selector = BackendSelector()  # "auto" and its run-time fallbacks, for this rank's own chunks
+        self.mailboxes = Mailboxes()
 
     # -- transport -----------------------------------------------------------------------
     def _pair(self, pool_rank: int):
         return _pair(self.groups, self.rank, pool_rank)
 
-    def _post_headers(self, headers: dict[int, Header]) -> list:
-        """Each pool rank's header into its mailbox (non-blocking)."""
-        return [dist.isend(h.to_tensor(self.device), dst=p, group=self.groups.coordination, tag=HEADER_TAG)
-                for p, h in headers.items()]
+    def _post_headers(self, headers: dict[int, Header]) -> None:
+        """Each pool rank's header into its mailbox."""
+        for p, h in headers.items():
+            self.mailboxes.post(p, self.rank, h)
 
     def _exchange(self, what: str, sends: dict[int, tuple[Header, list]], replies: dict[int, torch.Tensor]):
         """Post every header and data tensor to each pool rank at once, then receive each reply into
         ``replies[p]``; blame the pool ranks involved if a link breaks."""
         def run():
-            works = self._post_headers({p: header for p, (header, _) in sends.items()})
+            self._post_headers({p: header for p, (header, _) in sends.items()})
             posted = [self.transport.post([(p, x.contiguous()) for x in tensors], [], self._pair(p))
                       for p, (_, tensors) in sends.items()]
             posted += [self.transport.post([], [(p, buf)], self._pair(p)) for p, buf in replies.items()]
-            for w in works + posted:
+            for w in posted:
                 w.wait()
         named_failure(f"{what} of base rank {self.rank}", sorted(sends), run)
 
@@ -150,13 +194,11 @@ class MailboxClient:
                       **Header.encode(dtype=q.dtype, softmax_scale=softmax_scale, backend="auto"))
 
         def run():
-            works = self._post_headers({p: Header(slot=pool_slot, member=j, **fields)
-                                        for j, (p, pool_slot) in enumerate(placement, start=1)})
+            self._post_headers({p: Header(slot=pool_slot, member=j, **fields)
+                                for j, (p, pool_slot) in enumerate(placement, start=1)})
             out, _ = base_forward(  # the base's own chunks while the pool ranks compute theirs
                 self, plan, peers, q, k, v, group_of=self._pair, causal=True, softmax_scale=softmax_scale,
                 backend="auto", kv_chunk=n, kv_rows=[store_rows(plan, bounds, j) for j in range(1, plan.members)])
-            for w in works:
-                w.wait()
             return out
 
         out = named_failure(f"pooled prefill of base rank {self.rank}", peers, run)
@@ -214,22 +256,17 @@ class MailboxServer:
         self.transport = P2PTransport(stats)
         self.buffers = BufferPool()  # persistent prefill receive buffers
         self.selector = BackendSelector()
+        self.mailboxes = Mailboxes()
 
     def serve(self):
-        if dist.get_backend(self.groups.coordination) != "gloo":
-            raise RuntimeError("a shared pool serves over gloo only yet (a receive from any source; NCCL has none)")
         return named_failure(f"shared pool rank {self.rank}", self.bases, self._serve)
-
-    def _next_header(self) -> tuple[int, Header]:
-        t = Header.empty(self.device)
-        src = dist.recv(t, group=self.groups.coordination, tag=HEADER_TAG)  # from any base rank (gloo)
-        self.stats.bytes_received += nbytes(t)
-        return src, Header.from_tensor(t)
 
     def _serve(self):
         live = set(self.bases)
+        taken = 0
         while live:
-            base, h = self._next_header()
+            base, h = self.mailboxes.take(self.rank, taken)
+            taken += 1
             if h.op == SHUTDOWN:
                 live.discard(base)
                 continue
