@@ -229,13 +229,6 @@ def _preflight(args):
             "KV-cached inference serves dense attention only (the cache holds every key; dilated decode is not"
             " built): serve this model with dilated_attention.enabled false only if it was trained dense",
         )
-    if cfg.fapool.attention_pool.enabled and cfg.fapool.attention_pool.sharing == "shared" \
-            and cfg.tensor_model_parallel_size != 1:
-        raise ConfigError(
-            "fapool.attention_pool.sharing",
-            f"a shared pool serves TP 1 replicas only yet (got TP {cfg.tensor_model_parallel_size}): set"
-            " tensor_model_parallel_size 1, or sharing 'dedicated'",
-        )
     if cfg.pipeline_model_parallel_size != 1 and cfg.fapool.attention_pool.enabled:
         raise ConfigError(
             "pipeline_model_parallel_size",
@@ -574,10 +567,11 @@ def _serve_slots(args, cfg, groups, device, batches, tok, resume):
     elif groups.layout.pool_shared:  # one pool for every replica: placements, prefills, decode layers per request
         c = model.config
         threshold = shared_manager(cfg.fapool.attention_pool, groups.layout).threshold
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         pool = MailboxClient(groups, device=device, stats=PoolStats(), threshold=threshold,
-                             kv_heads=c.num_query_groups, head_dim=c.kv_channels, dtype=c.params_dtype,
-                             max_active=cfg.fapool.attention_pool.max_active,
-                             backend=cfg.fapool.attention_backend.backend)
+                             kv_heads=c.num_query_groups // dist.get_world_size(tp_group), head_dim=c.kv_channels,
+                             dtype=c.params_dtype, max_active=cfg.fapool.attention_pool.max_active,
+                             backend=cfg.fapool.attention_backend.backend, tp_group=tp_group)
     sampling = Sampling(greedy=not args.sampling, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                         limit=tok.vocab_size)
     tp_group = parallel_state.get_tensor_model_parallel_group()

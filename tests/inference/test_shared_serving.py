@@ -1,4 +1,5 @@
-"""Three serving replicas (TP 1) sharing two pool ranks, continuous batching with staggered arrivals (gloo).
+"""Serving replicas sharing two pool ranks, continuous batching with staggered arrivals (gloo): three TP 1
+replicas, and two TP 2 replicas (each TP rank keeps its heads' K/V in its own slot on the same pool ranks).
 
 Long requests (prompt over the threshold 128) of different replicas overlap in time; each gets one pool
 rank (``max_active`` 1) from the coordinator, which spreads them over the two. Every request's greedy
@@ -10,6 +11,7 @@ its ranks' slots is refused with a message while the others finish.
 import dataclasses
 import os
 
+import pytest
 import torch
 
 from megatron_fapool.testing.distributed import run_distributed
@@ -21,14 +23,14 @@ CAPACITY, NEW = 320, 5
 REQUESTS = {0: (400, 0), 1: (60, 0), 2: (500, 0), 3: (90, 1), 4: (300, 2), 5: (45, 2), 6: (700, 0), 7: (250, 3)}
 
 
-def _config():
+def _config(tp):
     from megatron_fapool.config import load_run_config
 
     cfg = load_run_config(CONFIG)
     pool = cfg.fapool.attention_pool.model_copy(update={"pool_size": 2, "sharing": "shared", "max_active": 1})
     # untied output weights: with tied ones a random model repeats its input token, whatever the K/V
     lm = cfg.model.language_model.model_copy(update={"untie_embeddings_and_output_weights": True})
-    return dataclasses.replace(cfg, tensor_model_parallel_size=1, model=cfg.model.model_copy(update={"language_model": lm}),
+    return dataclasses.replace(cfg, tensor_model_parallel_size=tp, model=cfg.model.model_copy(update={"language_model": lm}),
                                fapool=cfg.fapool.model_copy(update={"attention_pool": pool}))
 
 
@@ -36,7 +38,7 @@ def _held(kv, layer=0):
     return [int((kv.k[layer][s].abs().sum((-1, -2)) > 0).sum()) for s in range(kv.slots)]
 
 
-def _body(rank, world):
+def _body(rank, world, tp):
     from megatron_fapool.attention.pool import PoolStats
     from megatron_fapool.attention.pool.mailbox import MailboxClient, MailboxServer
     from megatron_fapool.inference.batching import TimedRequest, place_on_replicas, serve
@@ -46,8 +48,9 @@ def _body(rank, world):
     from megatron_fapool.inference.slots import SlotCache, slot_layer_spec
     from megatron_fapool.models.gpt import build_gpt_model
     from megatron_fapool.parallel import initialize_parallel_groups, layout_from_config
+    from megatron.core import parallel_state
 
-    cfg = _config()
+    cfg = _config(tp)
     groups = initialize_parallel_groups(layout_from_config(cfg, world))
     if groups.is_pool:
         server = MailboxServer(groups, device="cpu", stats=PoolStats(), pool_cfg=cfg.fapool.attention_pool)
@@ -61,12 +64,14 @@ def _body(rank, world):
     g = torch.Generator().manual_seed(5)
     requests = [Request(rid, torch.randint(0, vocab, (n,), generator=g).tolist(), NEW) for rid, (n, _) in
                 REQUESTS.items()]
-    replica = place_on_replicas(requests, [0.0] * len(requests), replicas=3, threshold=128)  # in the given order
-    mine = [r for r, rep in zip(requests, replica) if rep == groups.rank]
-    shape = dict(layers=c.num_layers, kv_heads=c.num_query_groups, head_dim=c.kv_channels, dtype=torch.float32,
-                 device="cpu")
-    pool = MailboxClient(groups, device="cpu", stats=PoolStats(), threshold=128, kv_heads=c.num_query_groups,
-                         head_dim=c.kv_channels, dtype=torch.float32, max_active=1, backend="torch")
+    replicas = groups.layout.dp
+    replica = place_on_replicas(requests, [0.0] * len(requests), replicas=replicas, threshold=128)  # given order
+    mine = [r for r, rep in zip(requests, replica) if rep == parallel_state.get_data_parallel_rank()]
+    kv_heads = c.num_query_groups // tp  # this TP rank's
+    shape = dict(layers=c.num_layers, kv_heads=kv_heads, head_dim=c.kv_channels, dtype=torch.float32, device="cpu")
+    tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    pool = MailboxClient(groups, device="cpu", stats=PoolStats(), threshold=128, kv_heads=kv_heads,
+                         head_dim=c.kv_channels, dtype=torch.float32, max_active=1, backend="torch", tp_group=tp_group)
     engine = ServingEngine(model, attention, SlotCache(slots=3, capacity=CAPACITY, **shape), device="cpu",
                            sampling=Sampling(), max_new_tokens=NEW, pool=pool, pool_slots=4)
     placed = {}
@@ -92,14 +97,16 @@ def _body(rank, world):
             "mine": [r.id for r in mine]}
 
 
-def test_three_replicas_share_two_pool_ranks():
+@pytest.mark.parametrize("tp, replicas, spread", [(1, 3, [2, 2, 1]), (2, 2, [3, 2])])
+def test_replicas_share_two_pool_ranks(tp, replicas, spread):
     from megatron_fapool.attention.pool.slot_kv import member_tokens
 
-    out = run_distributed(_body, 5, timeout=300)
-    bases, pools = out[:3], out[3:]
-    assert sorted(i for b in bases for i in b["mine"]) == list(REQUESTS)  # every request on one replica
+    n_base = tp * replicas
+    out = run_distributed(_body, n_base + 2, tp, timeout=300)
+    bases, pools = out[:n_base], out[n_base:]
+    assert sorted(i for b in bases[::tp] for i in b["mine"]) == list(REQUESTS)  # every request on one replica
     longs = {rid for rid, (n, _) in REQUESTS.items() if n > 128}
-    assert [len(set(b["mine"]) & longs) for b in bases] == [2, 2, 1]  # the front scheduler spreads the long ones
+    assert [len(set(b["mine"]) & longs) for b in bases[::tp]] == spread  # the front scheduler spreads the long ones
     for b in bases:
         assert b["refused"].keys() <= {6}
         for rid, tokens in b["tokens"].items():
@@ -116,10 +123,10 @@ def test_three_replicas_share_two_pool_ranks():
             n = REQUESTS[rid][0]
             share = int(member_tokens(1, torch.tensor([n]), torch.tensor([2]), torch.tensor([n + NEW - 1])))
             uses.setdefault((p, s), []).append(share)
-    assert {p for p, _ in uses} == {3, 4}  # both pool ranks served
+    assert {p for p, _ in uses} == {n_base, n_base + 1}  # both pool ranks served
     for i, pool in enumerate(pools):
         for s, held in enumerate(pool["held"]):
-            assert held == max(uses.get((3 + i, s), [0])), (3 + i, s, held, uses)
+            assert held == max(uses.get((n_base + i, s), [0])), (n_base + i, s, held, uses)
         assert pool["served"] > 0
     counters = pools[0]["counters"]  # the coordinator's ledger: everything released
     assert all(c["kv_tokens_held"] == 0 for c in counters["pool_ranks"].values())

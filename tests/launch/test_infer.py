@@ -157,17 +157,17 @@ def test_serves_a_trace_with_continuous_batching(tmp_path):
 
 
 def test_serves_a_trace_from_a_shared_pool(tmp_path):
-    """3 replicas (TP 1) + 2 shared pool ranks through torchrun: the front scheduler spreads the trace over the
+    """2 replicas of TP 2 + 2 shared pool ranks through torchrun: the front scheduler spreads the trace over the
     replicas, the long requests are pooled (the 4000-token one fits only over a base and a pool rank), the
-    pool's ledger ends with nothing held."""
+    pool's ledger ends with nothing held. (TP 1 replicas: tests/inference/test_shared_serving.py.)"""
     data = json.load(open(os.path.join(ROOT, "configs", "tiny_dense_rope_pool.json")))
     data["fapool"]["model_yaml"] = os.path.join(ROOT, "configs", "models", "tiny_dense_rope.yaml")
-    data["fapool"]["parallel"]["tensor_model_parallel_size"] = 1
+    data["fapool"]["parallel"]["tensor_model_parallel_size"] = 2
     data["fapool"]["attention_pool"].update(pool_size=2, sharing="shared", max_active=1)
     cfg = tmp_path / "shared.json"
     cfg.write_text(json.dumps(data))
     metrics = tmp_path / "m.json"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "5",
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "6",
            "--master_port", str(find_free_port()), INFER, "--deepspeed_config", str(cfg), "--random-weights",
            "--trace", TRACE, "--slots", "4", "--slot-capacity", "2048", "--metrics-json", str(metrics)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)

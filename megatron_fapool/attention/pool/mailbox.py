@@ -20,8 +20,8 @@ shared layout's blocks of one rank).
 Ops (:data:`INIT` ... ): allocate the pool rank's :class:`~.slot_kv.SlotKV` (``pool_slots`` slots
 of the engines' capacity, shared by every base rank); admit / release a long request on the
 *coordinator* (the first pool rank: a :class:`~.shared.SharedPoolManager` in serving mode holds
-every pool rank's K/V accounting, one slot per request per rank); store a member's range of a
-layer's prefill K/V; one member's zigzag chunks of a pooled prefill layer's attention, with the K/V rows the
+every pool rank's K/V accounting, one slot per request and TP rank of its replica on each of its pool
+ranks); one member's zigzag chunks of a pooled prefill layer's attention, with the K/V rows the
 member stores sent along (once: the prefix its chunks see, extended to the end of its store range); one layer
 of a decode step over the rows this pool rank holds. A prefill's chunks go straight between the base's rows
 and the pool rank's buffers (the zigzag module's two sides). A request's placement is ``[(pool rank, slot)]``;
@@ -102,12 +102,20 @@ class Mailboxes:
 
 
 class MailboxClient:
-    """A base rank's end of the shared serving pool (TP 1): requests' placements, prefills, decode layers."""
+    """A base rank's end of the shared serving pool: requests' placements, prefills, decode layers.
+
+    A replica of TP ranks places a request once: its first TP rank asks the coordinator for one slot per TP
+    rank on each pool rank and tells the others (``tp_group``); TP rank ``t`` then uses the ``t``-th slot
+    everywhere, with its own heads' K/V (``kv_heads`` is this rank's share)."""
 
     def __init__(self, groups, *, device, stats, threshold: int, kv_heads: int, head_dim: int, dtype,
-                 max_active: int | None = None, backend: str = "auto"):
+                 max_active: int | None = None, backend: str = "auto", tp_group=None):
         layout = groups.layout
         self.groups, self.rank, self.device, self.stats = groups, groups.rank, torch.device(device), stats
+        self.tp_group = tp_group
+        self.tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+        self.tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+        self.tp_first = self.rank if tp_group is None else dist.get_process_group_ranks(tp_group)[0]
         self.pool = tuple(range(layout.num_base, layout.num_base + layout.pool_size))
         self.coordinator = self.pool[0]
         self.members = min(max_active or len(self.pool), len(self.pool)) + 1  # the most ranks a request spans
@@ -155,23 +163,29 @@ class MailboxClient:
         self._exchange("pool shutdown", {p: (Header(op=SHUTDOWN), []) for p in self.pool}, {})
 
     def admit(self, request: int, tokens: int, prompt_len: int) -> list[tuple[int, int]] | None:
-        """Pool ranks and slots for a long request (``None``: wait, none free now); :class:`PoolFull` if never."""
+        """Pool ranks and this TP rank's slots for a long request (``None``: wait, none free now); :class:`PoolFull`
+        if never. Every TP rank of the replica calls it in the same order and gets the same answer."""
         need = -(-tokens // self.capacity)  # ranks its tokens need, the base included
-        reply = torch.zeros(1 + 2 * len(self.pool), dtype=torch.int64, device=self.device)
-        h = Header(op=ADMIT, call_id=request, n=tokens, batch=max(prompt_len, self.threshold + 1), members=need)
-        self._exchange("pool admission", {self.coordinator: (h, [])}, {self.coordinator: reply})
+        reply = torch.zeros(1 + (1 + self.tp) * len(self.pool), dtype=torch.int64, device=self.device)
+        if self.rank == self.tp_first:
+            h = Header(op=ADMIT, call_id=request, n=tokens, batch=max(prompt_len, self.threshold + 1), members=need,
+                       slot=self.tp)
+            self._exchange("pool admission", {self.coordinator: (h, [])}, {self.coordinator: reply})
+        if self.tp > 1:
+            dist.broadcast(reply, src=self.tp_first, group=self.tp_group)
         values = reply.tolist()
         if values[0] < 0:
             raise PoolFull(f"request {request}: {tokens} tokens need {need} ranks of {self.capacity}-token slots but"
                            f" the shared pool gives a request at most {-values[0]} ranks")
         if values[0] == 0:
             return None
-        placement = [(values[1 + 2 * j], values[2 + 2 * j]) for j in range(values[0])]
+        row = 1 + self.tp  # (pool rank, its slot for TP rank 0, 1, ...)
+        placement = [(values[1 + row * j], values[2 + row * j + self.tp_rank]) for j in range(values[0])]
         self.placement[request] = placement
         return placement
 
     def release(self, request: int) -> None:
-        if self.placement.pop(request, None) is not None:
+        if self.placement.pop(request, None) is not None and self.rank == self.tp_first:
             h = Header(op=RELEASE, call_id=request)
             self._exchange("pool release", {self.coordinator: (h, [])}, {})
 
@@ -302,26 +316,29 @@ class MailboxServer:
             self.free = {layout.num_base + i: list(range(h.batch - 1, -1, -1)) for i in range(layout.pool_size)}
 
     def _admit(self, base, h, group):
-        """One slot on each of the request's pool ranks (charged as ``capacity`` K/V tokens there)."""
-        reply = torch.zeros(1 + 2 * len(self.free), dtype=torch.int64, device=self.device)
+        """``h.slot`` slots (one per TP rank of the replica) on each of the request's pool ranks, charged as
+        ``capacity`` K/V tokens each there."""
+        tp = h.slot
+        reply = torch.zeros(1 + (1 + tp) * len(self.free), dtype=torch.int64, device=self.device)
         size = self.manager.max_per_demand  # pool ranks per long request (no cost model in serving yet)
         if h.members - 1 > size:
             reply[0] = -size  # it can never fit
         else:
-            demand = PoolDemand(replica=base, key=h.call_id, tokens=h.batch, kv_tokens=self.capacity * size)
-            ranks = self.manager.admit(demand)  # None: wait
+            demand = PoolDemand(replica=base, key=h.call_id, tokens=h.batch, kv_tokens=self.capacity * size * tp)
+            ranks = self.manager.admit(demand)  # None: wait (the ledger's K/V room covers the slots)
             if ranks:
                 first = self.groups.layout.num_base  # the manager counts pool ranks from 0
-                placement = [(first + r, self.free[first + r].pop()) for r in ranks]
+                placement = [(first + r, [self.free[first + r].pop() for _ in range(tp)]) for r in ranks]
                 self.slots_of[(base, h.call_id)] = placement
                 reply[0] = len(placement)
-                for j, (p, s) in enumerate(placement):
-                    reply[1 + 2 * j], reply[2 + 2 * j] = p, s
+                for j, (p, slots) in enumerate(placement):
+                    reply[1 + (1 + tp) * j] = p
+                    reply[2 + (1 + tp) * j: 2 + (1 + tp) * j + tp] = torch.tensor(slots)
         self._reply(reply, base, group)
 
     def _release(self, base, h, group):
-        for p, s in self.slots_of.pop((base, h.call_id)):
-            self.free[p].append(s)
+        for p, slots in self.slots_of.pop((base, h.call_id)):
+            self.free[p] += slots
             self.free[p].sort(reverse=True)
         self.manager.release(base, h.call_id)
 
