@@ -354,25 +354,19 @@ class SharedPoolManager:
             self._rank_counters[r].releases += 1
             self._rank_counters[r].kv_tokens_held -= charge
 
-    def serving_step(self) -> None:
-        """Count one decode step: busy for every pool rank and replica holding a pooled request."""
-        self._use("serving")
-        ranks, replicas = set(), set()
-        for (replica, _), (held, _) in self._requests.items():
-            if held:
-                ranks.update(held)
-                replicas.add(replica)
-        for r in ranks:
-            self._rank_counters[r].busy_steps += 1
-        for r in replicas:
-            self._replica(r).busy_steps += 1
-
     # --- counters ---------------------------------------------------------------------
     def counters(self) -> dict:
-        """``{"replicas": {"<replica>": {...}}, "pool_ranks": {"<index>": {...}}}``, JSON-ready."""
+        """``{"replicas": {"<replica>": {...}}, "pool_ranks": {"<index>": {...}}}``, JSON-ready. ``busy_steps`` is a
+        training count (steps served); a serving ledger sees no steps, so its counters leave it out (each serving
+        pool rank reports its own busy seconds)."""
+        def row(c):
+            d = asdict(c)
+            if self._mode == "serving":
+                del d["busy_steps"]
+            return d
         return {
-            "replicas": {str(r): asdict(self._replica_counters[r]) for r in sorted(self._replica_counters)},
-            "pool_ranks": {str(i): asdict(c) for i, c in enumerate(self._rank_counters)},
+            "replicas": {str(r): row(self._replica_counters[r]) for r in sorted(self._replica_counters)},
+            "pool_ranks": {str(i): row(c) for i, c in enumerate(self._rank_counters)},
         }
 
 
