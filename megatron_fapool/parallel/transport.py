@@ -10,7 +10,15 @@ and returns a :class:`Posted` to wait on; nothing in it reads a device value on 
 launch on the group's own communicator (batched point-to-point uses the collective communicator,
 so no communicator is created at run time), gloo sends each message. A copy-engine backend (CUDA
 symmetric memory: peers' buffers mapped once, copies on a copy engine; the 2-GPU run issue) is
-another class with the same :meth:`~Transport.post`; the algorithms do not change.
+another class with the same :meth:`~Transport.post`; the algorithms do not change. How it maps
+onto a post: every ordered pair of a group gets a staging region in the *receiver's* symmetric
+allocation (sized for the largest post) and two epoch words (data ready, in the receiver's signal
+pad; consumed, in the sender's). A send waits (``cuStreamWaitValue32``, GEQ) until the previous
+epoch was consumed, ``copy_``s its messages back to back into the peer's region (contiguous:
+``cudaMemcpyAsync``, a copy engine) and bumps the ready epoch (``stream_write_value32``); a receive
+waits for that epoch, copies the region out into the tensors it names and bumps the consumed
+epoch. Sizes and order are known to both sides, so no offsets travel. What the lent H200 VM
+offers for this is measured in docs/benchmarks.md ("Copy-engine transport probe").
 
 Messages between one pair of ranks in one direction are matched in the order they are posted,
 so both sides list a call's tensors in the same order.
