@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass, replace
 
 import torch
@@ -217,6 +218,13 @@ class ServiceClient:
         if self._pass is not None:
             raise PassBroken(f"rank {self.rank}: a new pass was planned while {self._describe(self._pass)} is open")
         self._planned = calls
+
+    @contextmanager
+    def forward_pass(self, calls: int):
+        """:meth:`plan_pass` of ``calls`` calls around a forward, :meth:`end_forward_pass` after it."""
+        self.plan_pass(calls)
+        yield
+        self.end_forward_pass()
 
     def end_forward_pass(self) -> None:
         """The micro-batch's forward is done: an open forward pass must have had all its calls."""

@@ -53,12 +53,10 @@ class Posted:
 
 @dataclass
 class TransportCounters:
-    """What a rank's transport did: posts (one launch each on NCCL), messages and bytes."""
+    """What a rank's transport did: posts (one launch each on NCCL) and messages (bytes go to ``stats``)."""
 
     posts: int = 0
     messages: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
 
 class Transport(Protocol):
@@ -76,7 +74,7 @@ class P2PTransport:
     """torch.distributed point-to-point, batched per post (NCCL: one grouped launch; gloo: a message each).
 
     ``stats`` (anything with ``bytes_sent`` / ``bytes_received``, such as the pool's counters) is
-    advanced with the bytes moved, next to this transport's own :class:`TransportCounters`.
+    advanced with the bytes moved; :attr:`counters` counts posts and messages.
     """
 
     def __init__(self, stats=None):
@@ -88,16 +86,11 @@ class P2PTransport:
         ops += [dist.P2POp(dist.irecv, _contiguous(t), peer, group) for peer, t in recvs]
         if not ops:
             return Posted()
-        sent = sum(_nbytes(t) for _, t in sends)
-        received = sum(_nbytes(t) for _, t in recvs)
-        c = self.counters
-        c.posts += 1
-        c.messages += len(ops)
-        c.bytes_sent += sent
-        c.bytes_received += received
+        self.counters.posts += 1
+        self.counters.messages += len(ops)
         if self.stats is not None:
-            self.stats.bytes_sent += sent
-            self.stats.bytes_received += received
+            self.stats.bytes_sent += sum(_nbytes(t) for _, t in sends)
+            self.stats.bytes_received += sum(_nbytes(t) for _, t in recvs)
         return Posted(list(dist.batch_isend_irecv(ops)))
 
 

@@ -43,7 +43,6 @@ __all__ = [
     "decode_splits",
     "next_owner",
     "prefill_shards",
-    "receive_prefill",
     "scatter_prefill",
 ]
 
@@ -377,19 +376,15 @@ def scatter_prefill(client, op: int, call_id: int, layer: int, k, v, members: in
     return bounds[0]
 
 
-def receive_prefill(server: ServiceMember, h: Header) -> tuple[torch.Tensor, torch.Tensor]:
-    """A pool rank's side of :func:`scatter_prefill`: its range's k, v ``[len, hk, d]``."""
+def serve_kv_store(server: ServiceMember, h: Header) -> None:
+    """A pool rank's side of :func:`scatter_prefill`: keep its range's k, v ``[len, hk, d]``."""
     bounds = prefill_shards(h.n, h.members)
     lo, hi = bounds[server.member]
     pad = max(b - a for a, b in bounds)
     buf = torch.empty((pad, 2, h.kv_heads, h.head_dim), dtype=h.torch_dtype, device=server.device)
     dist.scatter(buf, None, src=server.leader, group=server.group_of(h.members))
     server.stats.bytes_received += nbytes(buf)
-    return buf[: hi - lo, 0], buf[: hi - lo, 1]
-
-
-def serve_kv_store(server: ServiceMember, h: Header) -> None:
-    server.kv.put(h.call_id, h.layer, *receive_prefill(server, h))
+    server.kv.put(h.call_id, h.layer, buf[: hi - lo, 0], buf[: hi - lo, 1])
 
 
 def _partials(store: KVShardStore, requests, owners, member: int, layer: int, qkv, hq: int, hk: int, scale, backend):

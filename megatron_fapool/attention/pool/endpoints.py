@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ...parallel.service import ServiceClient, ServiceMember, merge_handlers
@@ -122,14 +121,11 @@ class AttentionPool:
         if self.shared:
             self.manager.end_step()
 
-    @contextmanager
     def forward_pass(self, calls: int):
         """A micro-batch's forward through ``calls`` pooled layers (in order, all over the same tokens): their
         pooled calls share one header, and so do their backward calls (in reverse order). A pooled layer that
         takes another path breaks the pass with a clear error (:class:`~...parallel.service.PassBroken`)."""
-        self.client.plan_pass(calls)
-        yield
-        self.client.end_forward_pass()
+        return self.client.forward_pass(calls)
 
     def shutdown(self, device) -> None:
         if self.shared:

@@ -38,8 +38,6 @@ host, then queues every layer's collectives and kernels without another host rea
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.distributed as dist
 
@@ -167,12 +165,9 @@ class PooledSlots:
                                 kv_heads=kv.kv_heads, head_dim=kv.head_dim, dtype=DTYPES.index(self.dtype),
                                 members=self.members)
 
-    @contextmanager
     def prefill_pass(self):
         """A pooled prompt's forward through every layer: one header for all its layers' prefill calls."""
-        self.client.plan_pass(self.kv.layers)
-        yield
-        self.client.end_forward_pass()
+        return self.client.forward_pass(self.kv.layers)
 
     def prefill(self, layer: int, slot: int, request: int, q, k, v, softmax_scale: float, members: int):
         """One layer of a pooled prompt ``[1, n, h, d]`` (RoPE applied): attention through the pool's first

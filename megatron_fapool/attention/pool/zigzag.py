@@ -287,25 +287,32 @@ def _backward(client, dout, q, k, v, out, lses, *, plan, call_id, softmax_scale)
 # --------------------------------------------------------------------------------------
 @dataclass
 class _Buffers:
-    """A member's persistent buffers for one call's shapes: its query chunks, K/V rows ``[e, b, ...]``
-    and, with a backward, its dO chunks and dK/dV partials."""
+    """A member's persistent receive buffers for one call's shapes: its query chunks and K/V rows ``[e, b, ...]``
+    (held with a forward's saved state until its backward)."""
 
     q: list[torch.Tensor]
     k: torch.Tensor
     v: torch.Tensor
-    dout: list[torch.Tensor] | None
-    dk: torch.Tensor | None
-    dv: torch.Tensor | None
 
     @classmethod
     def allocate(cls, plan: ZigzagPlan, member: int, h: Header, kv_rows: int, device) -> "_Buffers":
         dt, b = h.torch_dtype, h.batch
         q = [torch.empty((hi - lo, b, h.heads, h.head_dim), dtype=dt, device=device) for lo, hi in plan.spans_of(member)]
         kv = (kv_rows, b, h.kv_heads, h.head_dim)
-        k, v = torch.empty(kv, dtype=dt, device=device), torch.empty(kv, dtype=dt, device=device)
-        if not h.save:
-            return cls(q, k, v, None, None, None)
-        return cls(q, k, v, [torch.empty_like(t) for t in q], torch.empty_like(k), torch.empty_like(v))
+        return cls(q, torch.empty(kv, dtype=dt, device=device), torch.empty(kv, dtype=dt, device=device))
+
+
+@dataclass
+class _GradBuffers:
+    """A member's backward buffers: dO chunks received, dK/dV partials sent; one set serves every layer in turn."""
+
+    dout: list[torch.Tensor]
+    dk: torch.Tensor
+    dv: torch.Tensor
+
+    @classmethod
+    def like(cls, bufs: _Buffers) -> "_GradBuffers":
+        return cls([torch.empty_like(t) for t in bufs.q], torch.empty_like(bufs.k), torch.empty_like(bufs.v))
 
 
 @dataclass
@@ -324,7 +331,7 @@ def member_forward(end, plan: ZigzagPlan, me: int, leader: int, group, h: Header
     sent. ``end``: the rank's ``transport``, ``buffers``, ``selector`` and ``stats``. Returns
     ``(buffer key, buffers, outs, lses)``; the caller gives the buffers back when it no longer needs them."""
     e = plan.kv_prefix(me) if kv_rows is None else kv_rows
-    key = ("zigzag", plan, me, e, h.batch, h.heads, h.kv_heads, h.head_dim, h.dtype, h.save)
+    key = ("zigzag", plan, me, e, h.batch, h.heads, h.kv_heads, h.head_dim, h.dtype)
     bufs = end.buffers.take(key, lambda: _Buffers.allocate(plan, me, h, e, end.device))
     posted = []
     for j, (lo, hi) in enumerate(plan.kv_pieces(me, h.kv_chunk, e)):
@@ -361,18 +368,21 @@ def serve_backward(member: ServiceMember, h: Header) -> None:
     s = member.take_saved(h.call_id, _Saved, "backward")
     plan, fh, me, bufs = s.plan, s.header, member.member, s.buffers
     group = member.group_of(h.members)
-    member.transport.post([], [(member.leader, t) for t in bufs.dout], group).wait()
-    bufs.dk.zero_()
-    bufs.dv.zero_()
+    grad_key = ("zigzag-grad",) + s.key[1:]
+    g = member.buffers.take(grad_key, lambda: _GradBuffers.like(bufs))
+    member.transport.post([], [(member.leader, t) for t in g.dout], group).wait()
+    g.dk.zero_()
+    g.dv.zero_()
     dqs = chunks_backward(
-        [t.transpose(0, 1) for t in bufs.dout], [t.transpose(0, 1) for t in bufs.q], plan.spans_of(me),
-        bufs.k.transpose(0, 1), bufs.v.transpose(0, 1), s.outs, s.lses, bufs.dk.transpose(0, 1),
-        bufs.dv.transpose(0, 1), causal=plan.causal, softmax_scale=fh.softmax_scale, backend=fh.backend_name,
+        [t.transpose(0, 1) for t in g.dout], [t.transpose(0, 1) for t in bufs.q], plan.spans_of(me),
+        bufs.k.transpose(0, 1), bufs.v.transpose(0, 1), s.outs, s.lses, g.dk.transpose(0, 1),
+        g.dv.transpose(0, 1), causal=plan.causal, softmax_scale=fh.softmax_scale, backend=fh.backend_name,
         selector=member.selector,
     )
-    sends = [rows(g) for g in dqs] + [bufs.dk, bufs.dv]
+    sends = [rows(d) for d in dqs] + [g.dk, g.dv]
     member.transport.post([(member.leader, t) for t in sends], [], group).wait()
     member.buffers.give(s.key, bufs)
+    member.buffers.give(grad_key, g)
     member.stats.served_backward += 1
 
 

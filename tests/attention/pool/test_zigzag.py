@@ -230,12 +230,14 @@ def test_an_announced_pass_costs_two_posts_per_call_and_no_host_reads():
         assert base["communication"] == headers + BOUND["base_per_call"] * calls, base
         assert BOUND["base_per_call"] < BEFORE["base_per_call"]
     assert passed[0]["headers"] == 2 * 2 + 1  # two micro-batches' passes and the shutdown
+    assert passed[0]["posts"] == 2 * BOUND["base_per_call"] * calls  # every launch of the calls is a transport post
     for pool in passed[1:]:
         headers = 2 * 2 + 1
         assert pool["headers"] == headers
         assert pool["counts"]["host_reads"] == headers * 1 + BOUND["pool_reads_per_call"] * 2 * calls, pool
         assert pool["counts"]["communication"] == headers + BOUND["pool_per_call"] * 2 * calls, pool
-        assert pool["allocated"] == LAYERS  # the forward buffers of the first micro-batch, reused by the second
+        # the first micro-batch allocates a forward set per layer and one backward set for all; the second none
+        assert pool["allocated"] == LAYERS + 1
     # without the pass: one header per call, and a host read of it on every pool rank
     assert per_call[0]["headers"] == 2 * calls + 1
     for pool in per_call[1:]:
